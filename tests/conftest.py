@@ -1,0 +1,49 @@
+"""Shared test setup: offline environment, paths to the shared real data, the tiny open_clip config."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Nothing in the tests may wait on the internet.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("WINNOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_CLIP_NAME = "winnow-tiny-test"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared real data not found at {SHARED_DATA} (set WINNOW_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(shared_data: Path) -> Path:
+    path = shared_data / "images" / "cifar10_subset"
+    if not path.is_dir():
+        pytest.skip(f"{path} missing from the shared data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Registers the tiny open_clip config (random weights) and returns its model name."""
+    import open_clip
+
+    cfg_dir = tmp_path_factory.mktemp("clip_cfg")
+    cfg_path = cfg_dir / f"{TINY_CLIP_NAME}.json"
+    cfg_path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(cfg_path)
+    return TINY_CLIP_NAME
