@@ -1,0 +1,211 @@
+"""The embedding store: a directory of row-aligned embedding and metadata shards.
+
+Layout (DESIGN.md, "Data model"):
+    store.json              model, pretrained tag, dim, dtype, preprocessing, versions
+    emb/{shard:05d}.npy     L2-normalised embeddings of the shard's decodable rows (float16 or float32)
+    meta/{shard:05d}.parquet one row per sample of the shard (uid, location, label, caption, sha1, width, height, status)
+    _done/{shard:05d}       completion marker, written last
+
+The embedding rows of a shard are the meta rows whose status is "ok", in meta order.
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written shard
+that looks finished; a rerun skips shards whose marker exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import atomic_path, atomic_write_text
+
+META_SCHEMA: dict[str, pl.DataType] = {
+    "uid": pl.String(),
+    "location": pl.String(),
+    "label": pl.String(),
+    "caption": pl.String(),
+    "sha1": pl.String(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "status": pl.String(),
+}
+STORE_FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A store on disk is missing, inconsistent with the run's settings, or corrupt."""
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    dim: int
+    dtype: str
+    embedder: dict[str, Any]
+    source: dict[str, Any]
+    shard_size: int
+    n_shards: int
+
+
+class EmbeddingStore:
+    """Reads and writes one store directory. Cheap to construct; nothing is loaded until asked."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def emb_path(self, shard: int) -> Path:
+        return self.root / "emb" / f"{shard:05d}.npy"
+
+    def meta_path(self, shard: int) -> Path:
+        return self.root / "meta" / f"{shard:05d}.parquet"
+
+    def done_path(self, shard: int) -> Path:
+        return self.root / "_done" / f"{shard:05d}"
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "store.json"
+
+    # ---- store.json ---------------------------------------------------------------------------
+    def init(self, info: StoreInfo) -> None:
+        """Creates the store, or checks that an existing one was made with the same settings.
+
+        Resuming into a store written by another embedder or source would silently mix embeddings,
+        so a mismatch is an error that says which setting differs.
+        """
+        for sub in ("emb", "meta", "_done"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        wanted = {"format_version": STORE_FORMAT_VERSION, **info.__dict__}
+        if self.info_path.exists():
+            existing = self.read_info_dict()
+            differing = [k for k in ("dim", "dtype", "embedder", "source", "shard_size", "n_shards") if existing.get(k) != wanted[k]]
+            if differing:
+                raise StoreError(
+                    f"store {self.root} was written with different settings ({', '.join(differing)}); "
+                    "use a new store directory or delete this one"
+                )
+            return
+        atomic_write_text(self.info_path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
+
+    def read_info_dict(self) -> dict[str, Any]:
+        if not self.info_path.exists():
+            raise StoreError(f"{self.root} is not an embedding store (no store.json)")
+        try:
+            return json.loads(self.info_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.info_path} is not valid JSON: {exc}") from exc
+
+    def info(self) -> StoreInfo:
+        raw = self.read_info_dict()
+        try:
+            return StoreInfo(**{k: raw[k] for k in StoreInfo.__dataclass_fields__})
+        except KeyError as exc:
+            raise StoreError(f"{self.info_path} lacks the field {exc}") from exc
+
+    # ---- shards -------------------------------------------------------------------------------
+    def is_done(self, shard: int) -> bool:
+        return self.done_path(shard).exists()
+
+    def done_shards(self) -> list[int]:
+        done_dir = self.root / "_done"
+        if not done_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in done_dir.iterdir() if p.name.isdigit())
+
+    def write_shard(self, shard: int, embeddings: np.ndarray, meta: Sequence[dict[str, Any]] | pl.DataFrame) -> None:
+        """Writes one shard atomically: data files first (temp name + rename), the marker last."""
+        frame = meta if isinstance(meta, pl.DataFrame) else pl.DataFrame(list(meta), schema=META_SCHEMA, orient="row")
+        frame = frame.select([pl.col(c).cast(t) for c, t in META_SCHEMA.items()])
+        info = self.info()
+        n_ok = int((frame["status"] == "ok").sum())
+        if embeddings.shape != (n_ok, info.dim):
+            raise StoreError(f"shard {shard}: {embeddings.shape} embeddings for {n_ok} ok rows of dim {info.dim}")
+        if not np.isfinite(embeddings).all():
+            raise StoreError(f"shard {shard}: embeddings contain NaN or Inf")
+        with atomic_path(self.emb_path(shard)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(embeddings, dtype=info.dtype))
+        with atomic_path(self.meta_path(shard)) as tmp:
+            frame.write_parquet(tmp)
+        atomic_write_text(self.done_path(shard), json.dumps({"rows": frame.height, "ok": n_ok}))
+
+    def read_meta(self, shard: int) -> pl.DataFrame:
+        path = self.meta_path(shard)
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as exc:  # polars raises several error types for damaged files
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        missing = set(META_SCHEMA) - set(frame.columns)
+        if missing:
+            raise StoreError(f"{path} lacks the columns {sorted(missing)}")
+        return frame
+
+    def read_embeddings(self, shard: int, *, mmap: bool = True) -> np.ndarray:
+        path = self.emb_path(shard)
+        try:
+            emb = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        return emb
+
+    def iter_shards(self, *, mmap: bool = True) -> Iterator[tuple[int, np.ndarray, pl.DataFrame]]:
+        """Yields (shard, embeddings of the ok rows, full meta) for every finished shard, in shard order."""
+        info = self.info()
+        for shard in self.done_shards():
+            meta = self.read_meta(shard)
+            emb = self.read_embeddings(shard, mmap=mmap)
+            n_ok = int((meta["status"] == "ok").sum())
+            if emb.ndim != 2 or emb.shape != (n_ok, info.dim):
+                raise StoreError(
+                    f"shard {shard}: embeddings of shape {emb.shape} do not match {n_ok} ok meta rows of dim {info.dim}"
+                )
+            yield shard, emb, meta
+
+    def check_complete(self) -> None:
+        missing = sorted(set(range(self.info().n_shards)) - set(self.done_shards()))
+        if missing:
+            raise StoreError(f"store {self.root} is incomplete: shards {missing[:10]} not done")
+
+    def load(self, *, dtype: str = "float32") -> tuple[np.ndarray, pl.DataFrame]:
+        """All ok rows: embeddings (n_ok × dim) and their meta rows, plus nothing else.
+
+        The scorers need random access to every row, so this materialises the ok embeddings; at 1M × 512
+        float32 that is 2 GB. Stages that can stream use iter_shards instead.
+        """
+        self.check_complete()
+        info = self.info()
+        parts: list[np.ndarray] = []
+        metas: list[pl.DataFrame] = []
+        for _, emb, meta in self.iter_shards():
+            parts.append(np.asarray(emb, dtype=dtype))
+            metas.append(meta.filter(pl.col("status") == "ok"))
+        emb_all = np.concatenate(parts) if parts else np.zeros((0, info.dim), dtype=dtype)
+        meta_all = pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA)
+        if not np.isfinite(emb_all).all():
+            raise StoreError(f"store {self.root} holds NaN or Inf embeddings")
+        return emb_all, meta_all
+
+    def all_meta(self) -> pl.DataFrame:
+        """Meta rows of every finished shard, bad rows included (status != 'ok')."""
+        metas = [self.read_meta(s) for s in self.done_shards()]
+        return pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA)
+
+    def fingerprint(self) -> str:
+        """A hash of store.json and every shard's metadata, to tie a manifest to the exact input."""
+        digest = hashlib.sha256(self.info_path.read_bytes())
+        for shard in self.done_shards():
+            digest.update(self.meta_path(shard).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges cutting n_items into shards of shard_size (the last one shorter)."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    return [(start, min(start + shard_size, n_items)) for start in range(0, n_items, shard_size)]
+
