@@ -1,0 +1,52 @@
+"""Manifest schema, version 1.
+
+One row a sample. Required columns:
+    uid     string   stable id from the source
+    keep    bool     whether the sample is in the pruned training set
+    weight  float32  sampling / loss weight; 0 where dropped, mean 1 over kept rows unless a reweighting scorer says otherwise
+    cluster int32    concept cluster (k-means), -1 where not clustered (e.g. unreadable input)
+    reason  string   why the sample was dropped (null when kept); one of REASONS
+Optional columns:
+    dup_of  string   uid of the sample this one duplicates (exact_dup, semdedup)
+    label, location, caption  carried from the source for loaders and queries
+    status  string   decode status from the store ("ok" or why the bytes could not be used)
+    score_<scorer> float32, one per scorer run; orientation recorded in run.json
+The schema version is stored in the Parquet file's key-value metadata under SCHEMA_VERSION_KEY.
+"""
+from __future__ import annotations
+
+import polars as pl
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = "winnow.schema_version"
+
+REQUIRED: dict[str, pl.DataType] = {
+    "uid": pl.String(),
+    "keep": pl.Boolean(),
+    "weight": pl.Float32(),
+    "cluster": pl.Int32(),
+    "reason": pl.String(),
+}
+OPTIONAL: dict[str, pl.DataType] = {
+    "dup_of": pl.String(),
+    "label": pl.String(),
+    "location": pl.String(),
+    "caption": pl.String(),
+    "status": pl.String(),
+}
+SCORE_PREFIX = "score_"
+SCORE_DTYPE = pl.Float32()
+
+REASONS = (
+    "bad_input",  # bytes could not be read or decoded
+    "exact_dup",  # same sha1 as an earlier sample
+    "semdedup",  # semantic near-duplicate (SemDeDup)
+    "dbp_quota",  # outside its concept cluster's DBP quota
+    "prototype",  # pruned by the prototype (distance-to-centroid) score
+    "el2n",
+    "grand",
+    "aum",
+    "random",
+    "select",  # cut by a selection rule on a combined score
+    "synthetic",  # rows of a distilled set
+)

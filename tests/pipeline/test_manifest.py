@@ -1,0 +1,82 @@
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.schema import SCHEMA_VERSION_KEY
+from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
+
+
+def _frame(**changes):
+    base = {
+        "uid": ["a", "b", "c"],
+        "keep": [True, False, False],
+        "weight": [1.0, 0.0, 0.0],
+        "cluster": [0, 0, -1],
+        "reason": [None, "exact_dup", "bad_input"],
+        "dup_of": [None, "a", None],
+        "score_random": [0.5, 0.1, None],
+    }
+    base.update(changes)
+    return pl.DataFrame(base)
+
+
+def test_round_trip_types_and_version(tmp_path):
+    path = write_manifest(_frame(), tmp_path / "run", {"note": np.int64(3)})
+    frame = read_manifest(tmp_path / "run")
+    assert frame.schema["weight"] == pl.Float32 and frame.schema["cluster"] == pl.Int32
+    assert frame.schema["score_random"] == pl.Float32
+    assert frame["uid"].to_list() == ["a", "b", "c"]
+    assert pq.read_schema(path).metadata[SCHEMA_VERSION_KEY.encode()] == b"1"
+    assert read_run_info(tmp_path / "run") == {"note": 3}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"uid": ["a", "a", "c"]}, "duplicate uids"),
+        ({"weight": [1.0, 0.5, 0.0]}, "weight 0"),
+        ({"reason": [None, None, "bad_input"]}, "no reason"),
+        ({"reason": ["el2n", "exact_dup", "bad_input"]}, "carry a drop reason"),
+        ({"reason": [None, "because", "bad_input"]}, "unknown reasons"),
+        ({"weight": [float("nan"), 0.0, 0.0]}, "finite"),
+    ],
+)
+def test_invalid_manifests_are_refused_and_nothing_written(tmp_path, changes, message):
+    with pytest.raises(ManifestError, match=message):
+        write_manifest(_frame(**changes), tmp_path / "run", {})
+    assert not (tmp_path / "run" / "manifest.parquet").exists()
+
+
+def test_unknown_column_refused(tmp_path):
+    with pytest.raises(ManifestError, match="not in manifest schema"):
+        write_manifest(_frame().with_columns(pl.lit(1).alias("extra")), tmp_path / "run", {})
+
+
+def test_reader_rejects_foreign_and_damaged_files(tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pl.DataFrame({"uid": ["a"]}).write_parquet(plain)
+    with pytest.raises(ManifestError, match="not a winnow manifest"):
+        read_manifest(plain)
+    path = write_manifest(_frame(), tmp_path / "run", {})
+    table = pq.read_table(path)
+    future = table.replace_schema_metadata({SCHEMA_VERSION_KEY.encode(): b"99"})
+    pq.write_table(future, tmp_path / "future.parquet")
+    with pytest.raises(ManifestError, match="v99"):
+        read_manifest(tmp_path / "future.parquet")
+    truncated = tmp_path / "trunc.parquet"
+    truncated.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ManifestError, match="not a readable Parquet"):
+        read_manifest(truncated)
+    missing = table.drop(["keep"]).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(missing, tmp_path / "missing.parquet")
+    with pytest.raises(ManifestError, match="lacks required columns"):
+        read_manifest(tmp_path / "missing.parquet")
+
+
+def test_failed_rewrite_keeps_previous_manifest(tmp_path):
+    write_manifest(_frame(), tmp_path / "run", {"v": 1})
+    with pytest.raises(ManifestError):
+        write_manifest(_frame(uid=["x", "x", "y"]), tmp_path / "run", {"v": 2})
+    assert read_manifest(tmp_path / "run")["uid"].to_list() == ["a", "b", "c"]
