@@ -1,0 +1,179 @@
+"""FAISS indexing: spherical k-means (concept clusters) and a kNN index, on GPU when faiss has one.
+
+Artefacts are saved beside the store under index/ with their parameters, keyed by a hash of the
+store fingerprint and the parameters, so a rerun with the same inputs reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def faiss_gpu_count() -> int:
+    """Number of GPUs faiss can use; 0 for faiss-cpu builds, which lack the GPU symbols."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+@dataclass(frozen=True)
+class KMeansParams:
+    k: int = 1000
+    niter: int = 20
+    seed: int = 1234
+    max_points_per_centroid: int = 256
+    spherical: bool = True
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # k × d float32, unit rows when spherical
+    assignment: np.ndarray  # n int32
+    similarity: np.ndarray  # n float32: x · centroid of the assigned cluster (spherical) or -squared distance
+    params: KMeansParams
+    used_gpu: bool
+
+
+def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | None = None) -> KMeansResult:
+    """Fits k-means on unit embeddings and assigns every row to its nearest centroid.
+
+    With spherical=True, faiss renormalises centroids each iteration and the assignment index is inner
+    product, so `search` returns similarities (higher = closer). faiss samples at most
+    k·max_points_per_centroid rows for training (a fixed-size sample); assignment sees every row.
+    """
+    n, d = emb.shape
+    if params.k < 1:
+        raise ValueError(f"k must be at least 1, got {params.k}")
+    if params.k > n:
+        raise ValueError(f"k={params.k} clusters requested for only {n} embeddings; lower index.k")
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
+    kmeans = faiss.Kmeans(
+        d,
+        params.k,
+        niter=params.niter,
+        seed=params.seed,
+        spherical=params.spherical,
+        max_points_per_centroid=params.max_points_per_centroid,
+        gpu=bool(gpu),
+        verbose=False,
+    )
+    kmeans.train(x)
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    if params.spherical:
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    sim, assign = nearest_centroid(x, centroids, spherical=params.spherical, use_gpu=gpu)
+    return KMeansResult(centroids=centroids, assignment=assign, similarity=sim, params=params, used_gpu=bool(gpu))
+
+
+def nearest_centroid(
+    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = True, use_gpu: bool = False, chunk: int = 262_144
+) -> tuple[np.ndarray, np.ndarray]:
+    """Assigns rows to centroids in chunks (memory flat in n). Returns (similarity or -sq.distance, index)."""
+    index = _flat_index(centroids.shape[1], inner_product=spherical, use_gpu=use_gpu)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims = np.empty(len(x), dtype=np.float32)
+    ids = np.empty(len(x), dtype=np.int32)
+    for start in range(0, len(x), chunk):
+        block = np.ascontiguousarray(x[start : start + chunk], dtype=np.float32)
+        d, i = index.search(block, 1)
+        sims[start : start + len(block)] = d[:, 0] if spherical else -d[:, 0]
+        ids[start : start + len(block)] = i[:, 0]
+    return sims, ids
+
+
+def _flat_index(dim: int, *, inner_product: bool, use_gpu: bool) -> faiss.Index:
+    index = faiss.IndexFlatIP(dim) if inner_product else faiss.IndexFlatL2(dim)
+    if use_gpu and faiss_gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    kind: str = "auto"  # "flat", "ivf" or "auto" (flat below ivf_threshold rows)
+    ivf_threshold: int = 200_000
+    nlist: int | None = None  # default: about 4·sqrt(n)
+    nprobe: int = 8
+    seed: int = 1234
+
+
+def build_knn_index(emb: np.ndarray, params: KnnParams, *, use_gpu: bool | None = None) -> tuple[faiss.Index, dict[str, Any]]:
+    """An inner-product index over unit embeddings: exact flat for small n, IVF-flat for large n."""
+    n, d = emb.shape
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    kind = params.kind
+    if kind == "auto":
+        kind = "ivf" if n >= params.ivf_threshold else "flat"
+    if kind not in ("flat", "ivf"):
+        raise ValueError(f"unknown knn index kind {params.kind!r}; use flat, ivf or auto")
+    info: dict[str, Any] = {"kind": kind, "n": n, "dim": d}
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(d)
+    else:
+        nlist = params.nlist or max(1, int(4 * np.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(params.seed)
+        train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+        index.train(train)
+        index.nprobe = params.nprobe
+        info.update(nlist=nlist, nprobe=params.nprobe)
+    gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
+    if gpu and faiss_gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+        info["gpu"] = True
+    index.add(x)
+    return index, info
+
+
+def save_kmeans(result: KMeansResult, directory: str | Path, key: str) -> Path:
+    """Saves centroids + assignment + params under directory/kmeans-<key>.npz (atomic)."""
+    path = Path(directory) / f"kmeans-{key}.npz"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, centroids=result.centroids, assignment=result.assignment, similarity=result.similarity)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"params": asdict(result.params), "used_gpu": result.used_gpu}))
+    return path
+
+
+def load_kmeans(directory: str | Path, key: str) -> KMeansResult | None:
+    path = Path(directory) / f"kmeans-{key}.npz"
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    with np.load(path, allow_pickle=False) as data:
+        return KMeansResult(
+            centroids=data["centroids"],
+            assignment=data["assignment"],
+            similarity=data["similarity"],
+            params=KMeansParams(**meta["params"]),
+            used_gpu=bool(meta["used_gpu"]),
+        )
+
+
+def save_knn_index(index: faiss.Index, info: dict[str, Any], directory: str | Path, key: str) -> Path:
+    if faiss_gpu_count() > 0 and hasattr(faiss, "index_gpu_to_cpu") and info.get("gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    path = Path(directory) / f"knn-{key}.faiss"
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info))
+    return path
+
+
+def artefact_key(*parts: Any) -> str:
+    """A short stable hash of the inputs and parameters an artefact depends on."""
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
