@@ -1,0 +1,127 @@
+"""The curate flow's configuration: one YAML file, validated by pydantic before any work starts.
+
+Example (see README.md for every option):
+
+    name: digits
+    source: {kind: image_folder, root: demo_data/digits}
+    embed: {kind: pixels, shard_size: 500}
+    index: {k: 20}
+    steps:
+      - {scorer: exact_dup}
+      - {scorer: random, keep_fraction: 0.5}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(Strict):
+    kind: Literal["image_folder", "webdataset", "table", "precomputed"]
+    model_config = ConfigDict(extra="allow")  # the remaining keys are the source's own arguments
+
+    def arguments(self) -> dict[str, Any]:
+        return {"kind": self.kind, **(self.model_extra or {})}
+
+
+class PixelsConfig(Strict):
+    size: int = Field(16, ge=4, le=256)
+    grey: bool = False
+    dim: int = Field(64, ge=2)
+    fit_samples: int = Field(2000, ge=2)
+
+
+class EmbedConfig(Strict):
+    kind: Literal["clip", "pixels", "precomputed"] = "clip"
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    checkpoint: Path | None = None  # a local weights file; overrides `pretrained`
+    model_config_file: Path | None = None  # an open_clip model config JSON to register (its file stem is the model name)
+    device: str = "auto"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+    shard_size: int = Field(10_000, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    max_side: int = Field(4096, ge=32)
+    pixels: PixelsConfig = PixelsConfig()
+
+
+class IndexConfig(Strict):
+    k: int = Field(100, ge=1)
+    niter: int = Field(20, ge=1)
+    seed: int = 1234
+    max_points_per_centroid: int = Field(256, ge=1)
+    knn: bool = False  # also build a kNN index (flat or IVF by size) and save it beside the store
+
+
+class StepConfig(Strict):
+    """One scoring step. `scorer` names it; the other keys are its knobs (see pipeline/steps.py)."""
+
+    scorer: str
+    model_config = ConfigDict(extra="allow")
+
+    def knobs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CurateConfig(Strict):
+    name: str = "curate"
+    source: SourceConfig
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(scorer="exact_dup")])
+    store_dir: Path | None = None  # default: <output_root>/<name>/store
+    output_root: Path = Path("manifests/runs")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"name {value!r} must be a plain directory name")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CurateConfig:
+        if (self.source.kind == "precomputed") != (self.embed.kind == "precomputed"):
+            raise ValueError("source.kind 'precomputed' goes with embed.kind 'precomputed' and only with it")
+        from pipeline.steps import check_steps  # late import: steps imports scorers
+
+        check_steps([(s.scorer, s.knobs()) for s in self.steps])
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_root / self.name
+
+    @property
+    def store_path(self) -> Path:
+        return self.store_dir if self.store_dir is not None else self.run_dir / "store"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CurateConfig:
+    """Reads a YAML config; relative paths inside it stay relative to the current directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return CurateConfig.model_validate(raw)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import CurateConfig, load_config
+from pipeline.index import KMeansParams, KMeansResult
+from pipeline.steps import ScoringContext, run_steps
+from scorers.exact_dup import exact_duplicates
+from scorers.random import random_scores
+
+
+def _ctx(n=40, labels=True, sha1=None):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    km = KMeansResult(np.eye(2, 8, dtype=np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32), KMeansParams(k=2), False)
+    return ScoringContext(
+        emb=emb,
+        uids=np.array([f"u{i:03d}" for i in range(n)], dtype=object),
+        labels=np.array(["a", "b"] * (n // 2), dtype=object) if labels else None,
+        sha1=np.array(sha1 if sha1 is not None else [f"h{i}" for i in range(n)], dtype=object),
+        kmeans=km,
+        alive=np.ones(n, bool),
+        n_scorable=n,
+    )
+
+
+def test_exact_duplicates_keep_smallest_uid_whatever_the_order():
+    hashes = np.array(["x", "y", "x", None, "x", None], dtype=object)
+    uids = np.array(["c", "b", "a", "d", "e", "f"], dtype=object)
+    dup_of = exact_duplicates(hashes, uids)
+    assert dup_of.tolist() == [2, -1, -1, -1, 2, -1]
+    perm = np.array([5, 4, 3, 2, 1, 0])
+    assert [uids[perm][d] if d >= 0 else None for d in exact_duplicates(hashes[perm], uids[perm])] == [None, "a", None, None, None, "a"]
+
+
+def test_random_scores_seeded():
+    assert np.array_equal(random_scores(10, seed=3), random_scores(10, seed=3))
+    assert not np.array_equal(random_scores(10, seed=3), random_scores(10, seed=4))
+
+
+def test_steps_compose_with_fractions_of_all_rows():
+    sha1 = [f"h{i}" for i in range(40)]
+    sha1[5] = sha1[4]  # one exact duplicate: u005 copies u004
+    ctx = _ctx(sha1=sha1)
+    cols, notes = run_steps(ctx, [("exact_dup", {}), ("random", {"keep_fraction": 0.5})])
+    reason = cols["reason"]
+    assert reason[5] == "exact_dup" and cols["dup_of"][5] == 4
+    assert (reason == None).sum() == 20  # noqa: E711 - object array comparison
+    assert notes[0]["dropped"] == 1 and notes[1]["alive_after"] == 20
+    kept_labels = ctx.labels[reason == None]  # noqa: E711
+    assert (kept_labels == "a").sum() == 10  # class-balanced by default
+
+
+def test_budget_larger_than_what_is_left_is_an_error():
+    sha1 = ["same"] * 40
+    with pytest.raises(ValueError, match="only 1 are left"):
+        run_steps(_ctx(sha1=sha1), [("exact_dup", {}), ("random", {"keep_fraction": 0.5})])
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ([{"scorer": "nope"}], "unknown scorer"),
+        ([{"scorer": "random", "keep_fraction": 0}], "keep_fraction"),
+        ([{"scorer": "random", "keep_fraction": 1.5}], "keep_fraction"),
+        ([{"scorer": "random", "bogus": 1}], "unknown knobs"),
+    ],
+)
+def test_bad_config_fails_before_work(steps, message):
+    with pytest.raises(ValidationError, match=message):
+        CurateConfig.model_validate({"source": {"kind": "image_folder", "root": "x"}, "steps": steps})
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\nsource: {kind: image_folder, root: imgs}\nembed: {kind: pixels}\n")
+    cfg = load_config(path, {"index.k": 7, "embed.shard_size": 10})
+    assert cfg.index.k == 7 and cfg.embed.shard_size == 10 and cfg.embed.kind == "pixels"
+    assert cfg.store_path == cfg.output_root / "t" / "store"
+    with pytest.raises(ValidationError, match="embed"):
+        load_config(path, {"embed.unknown": 1})
+    with pytest.raises(ValidationError, match="precomputed"):
+        load_config(path, {"source.kind": "precomputed"})
