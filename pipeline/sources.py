@@ -1,0 +1,682 @@
+"""Sources: where samples come from, each with a stable string uid (never a row number).
+
+Image sources (``ImageFolderSource``, ``WebDatasetSource``, ``TableSource``) list ``SampleRef``s and read a ref's raw
+bytes; decoding is ``pipeline.decode``'s job. ``PrecomputedSource`` reads LAION/DataComp-style embedding shards
+(``.npy`` + row-aligned ``.parquet``) that enter the embedding store without a model.
+
+Every source is a small picklable object (plain attributes, no open handles) so it can cross into torch DataLoader
+worker processes, and ``describe()`` returns the constructor's kwargs plus ``kind``, so
+``source_from_config(src.describe())`` rebuilds an equivalent source.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Extensions (lower case, with the dot) that ImageFolderSource picks up by default. Files with other or no extension
+# are ignored: a folder also holds READMEs, label files and checksums, and anything listed here that is not really an
+# image still gets an honest status from decode_image.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".avif", ".jp2", ".j2k", ".qoi",
+)
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of a source: its uid, where its bytes live, and optional label/caption."""
+
+    uid: str  # stable string id from the source, never a row number
+    location: str  # file path / URL, or "<tar path or URL>::<member name>" for webdataset members
+    label: str | None = None
+    caption: str | None = None
+
+
+class SourceError(ValueError):
+    """Bad source configuration: missing paths, missing columns, misaligned shards, paths escaping a root."""
+
+
+class DuplicateUidError(ValueError):
+    """The same uid occurs more than once in one input; ``duplicates`` holds the first few, ``count`` how many."""
+
+    def __init__(self, message: str, duplicates: Sequence[str] = (), count: int = 0) -> None:
+        super().__init__(message)
+        self.duplicates = list(duplicates)
+        self.count = count
+
+
+_SHOW_DUPLICATES = 5
+
+
+def _duplicates(uids: Iterable[str]) -> tuple[list[str], int]:
+    """First few duplicated uids (in order of first repetition) and the number of distinct duplicated uids."""
+    seen: set[str] = set()
+    dup: dict[str, None] = {}  # insertion-ordered set
+    for uid in uids:
+        if uid in seen:
+            dup[uid] = None
+        else:
+            seen.add(uid)
+    return list(dup)[:_SHOW_DUPLICATES], len(dup)
+
+
+def check_unique_uids(uids: Iterable[str]) -> None:
+    """Raises DuplicateUidError naming the first few repeated uids and how many uids repeat."""
+    first, count = _duplicates(uids)
+    if count:
+        more = f" (and {count - len(first)} more)" if count > len(first) else ""
+        raise DuplicateUidError(
+            f"{count} uid(s) occur more than once: {', '.join(map(repr, first))}{more}", first, count
+        )
+
+
+def _check_refs_unique(refs: Sequence[SampleRef], source: str) -> None:
+    """check_unique_uids for refs, with the locations of each shown duplicate so the user can find them."""
+    first, count = _duplicates(r.uid for r in refs)
+    if not count:
+        return
+    shown = set(first)
+    where: dict[str, list[str]] = {u: [] for u in first}
+    for r in refs:
+        if r.uid in shown:
+            where[r.uid].append(r.location)
+    parts = [f"{u!r} at {', '.join(where[u][:3])}{' ...' if len(where[u]) > 3 else ''}" for u in first]
+    more = f"; and {count - len(first)} more" if count > len(first) else ""
+    raise DuplicateUidError(f"{source}: {count} uid(s) occur more than once: {'; '.join(parts)}{more}", first, count)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _open_binary(location: str):
+    """Opens a local path with the builtin open (fast) and anything with a protocol through fsspec."""
+    if _is_url(location):
+        import fsspec
+
+        return fsspec.open(location, "rb").open()
+    return open(location, "rb")
+
+
+class Source:
+    """Base class. Image sources implement ``refs``, ``read_bytes`` and ``describe``."""
+
+    kind: ClassVar[str] = ""
+    has_images: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._refs: list[SampleRef] | None = None
+
+    def refs(self) -> list[SampleRef]:
+        """All samples in a deterministic order; raises DuplicateUidError when a uid repeats."""
+        if self._refs is None:
+            refs = self._scan()
+            _check_refs_unique(refs, self._name())
+            self._refs = refs
+        return list(self._refs)
+
+    def __len__(self) -> int:
+        return len(self.refs())
+
+    def read_bytes(self, ref: SampleRef) -> bytes:
+        """The raw bytes of ``ref``; raises an OSError subclass when they cannot be read."""
+        with _open_binary(ref.location) as f:
+            return f.read()
+
+    def describe(self) -> dict[str, Any]:
+        """``kind`` plus the constructor kwargs, JSON-serialisable (for the store's metadata)."""
+        raise NotImplementedError
+
+    def _scan(self) -> list[SampleRef]:
+        raise NotImplementedError
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers only read bytes; the ref list can be millions of entries, so it is not shipped to them.
+        state = dict(self.__dict__)
+        state["_refs"] = None
+        return state
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "kind")
+        return f"{type(self).__name__}({params})"
+
+
+# --------------------------------------------------------------------------------------------------- image folder
+class ImageFolderSource(Source):
+    """Image files under a directory tree.
+
+    uid = POSIX path relative to ``root`` (e.g. ``"train/cat/0001.jpg"``); order is sorted by uid.
+    ``split`` (a subfolder name or a list of them, e.g. ``"train"`` for a ``{train,test}/<class>/*`` layout)
+    restricts the scan to ``root/<split>``; uids stay relative to ``root`` so they are unique across splits,
+    and labels are taken below the split folder.
+    ``labels_from_subfolders``: True → label = first folder below the scanned folder (every image must be inside
+    one); False → no labels; None → labels iff every image is inside a subfolder.
+    Hidden files and folders (name starting with ".") are skipped; symlinked folders are not followed (cycles).
+    """
+
+    kind = "image_folder"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        split: str | Sequence[str] | None = None,
+        labels_from_subfolders: bool | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        super().__init__()
+        self.root = os.path.abspath(os.fspath(root))
+        if not os.path.isdir(self.root):
+            raise SourceError(f"image folder root {self.root!r} is not a directory")
+        self.split: str | list[str] | None = split if split is None or isinstance(split, str) else list(split)
+        self.labels_from_subfolders = labels_from_subfolders
+        exts = [extensions] if isinstance(extensions, str) else list(extensions)
+        if not exts:
+            raise SourceError("extensions must not be empty")
+        self.extensions = sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in exts})
+        for name in self._splits():
+            if not os.path.isdir(os.path.join(self.root, name)):
+                raise SourceError(f"split {name!r} is not a folder under {self.root!r}")
+
+    def _splits(self) -> list[str]:
+        if self.split is None:
+            return [""]
+        names = [self.split] if isinstance(self.split, str) else self.split
+        for name in names:
+            parts = PurePosixPath(name.replace(os.sep, "/")).parts
+            if not name or name.startswith("/") or ".." in parts:
+                raise SourceError(f"split {name!r} must be a relative folder name under the root")
+        return names
+
+    def _scan(self) -> list[SampleRef]:
+        exts = set(self.extensions)
+        found: list[tuple[str, str]] = []  # (uid, path relative to the split folder)
+        for split in self._splits():
+            base = os.path.join(self.root, split) if split else self.root
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel_dir = os.path.relpath(dirpath, base)
+                for name in filenames:
+                    if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+                        continue
+                    rel = PurePosixPath(*Path(rel_dir).parts, name) if rel_dir != "." else PurePosixPath(name)
+                    uid = str(PurePosixPath(*Path(split).parts, *rel.parts)) if split else str(rel)
+                    found.append((uid, str(rel)))
+        found.sort()
+        in_subfolder = [len(PurePosixPath(rel).parts) > 1 for _, rel in found]
+        if self.labels_from_subfolders is None:
+            with_labels = bool(found) and all(in_subfolder)
+        else:
+            with_labels = self.labels_from_subfolders
+            if with_labels and not all(in_subfolder):
+                loose = [uid for (uid, _), sub in zip(found, in_subfolder) if not sub]
+                raise SourceError(
+                    f"labels_from_subfolders=True but {len(loose)} image(s) are not inside a class folder "
+                    f"under {self.root!r}: {', '.join(map(repr, loose[:_SHOW_DUPLICATES]))}"
+                )
+        return [
+            SampleRef(
+                uid=uid,
+                location=os.path.join(self.root, *PurePosixPath(uid).parts),
+                label=PurePosixPath(rel).parts[0] if with_labels else None,
+            )
+            for uid, rel in found
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "root": self.root,
+            "split": self.split,
+            "labels_from_subfolders": self.labels_from_subfolders,
+            "extensions": list(self.extensions),
+        }
+
+    def _name(self) -> str:
+        return f"image folder {self.root!r}"
+
+
+# ------------------------------------------------------------------------------------------------------ webdataset
+# webdataset's own grouping rule (webdataset.tariterators.base_plus_ext): key = path up to the first dot of the
+# file name, extension = the rest (lower-cased), so "a/b.seg.png" is key "a/b", extension "seg.png".
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_WDS_SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset skips "__meta__"-style members
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expands each pattern (``shard-{000..009}.tar``) and keeps the order given."""
+    import braceexpand
+
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for pattern in patterns:
+        out.extend(braceexpand.braceexpand(pattern))
+    return out
+
+
+class WebDatasetSource(Source):
+    """Samples from webdataset tar shards (local paths or fsspec URLs, brace patterns allowed).
+
+    uid = the webdataset ``__key__`` (member name up to the first dot of its file name); the image member is the
+    first of ``image_keys`` a sample has (samples without one are skipped, with a logged count); label = the text of
+    the ``label_key`` member, caption = that of ``caption_key``.
+    ``refs()`` indexes each tar once (member offsets from tarfile's ``offset_data``); ``read_bytes`` then seeks
+    straight to the member. The index travels with the object into worker processes, so workers never rescan.
+    Only uncompressed tars can be read this way (``.tar.gz`` cannot be seeked): those are a SourceError.
+    """
+
+    kind = "webdataset"
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        label_key: str | None = "cls",
+        caption_key: str | None = "txt",
+    ) -> None:
+        super().__init__()
+        self.urls = [u if _is_url(u) else os.path.abspath(u) for u in expand_urls(urls)]
+        if not self.urls:
+            raise SourceError("WebDatasetSource needs at least one tar path or URL")
+        keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
+        self.image_keys = [k.lower() for k in keys]
+        if not self.image_keys:
+            raise SourceError("image_keys must not be empty")
+        self.label_key = label_key.lower() if label_key else None
+        self.caption_key = caption_key.lower() if caption_key else None
+        # location ("<tar>::<member>") -> (tar url, data offset, size); filled per tar, once.
+        self._index: dict[str, tuple[str, int, int]] = {}
+        self._indexed: set[str] = set()
+
+    def _scan(self) -> list[SampleRef]:
+        refs: list[SampleRef] = []
+        for url in self.urls:
+            refs.extend(self._scan_tar(url))
+        return refs
+
+    def _scan_tar(self, url: str) -> list[SampleRef]:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        repeated: list[str] = []
+        try:
+            with _open_binary(url) as f:
+                try:
+                    # "r:" = uncompressed, random access: iterating reads headers and seeks past member data.
+                    with tarfile.open(fileobj=f, mode="r:") as tar:
+                        for info in tar:
+                            if not info.isreg() or _WDS_SKIP.match(info.name):
+                                continue
+                            m = _WDS_KEY.match(info.name)
+                            if m is None:
+                                continue
+                            key, ext = m.group(1), m.group(2).lower()
+                            members = samples.setdefault(key, {})
+                            if ext in members:
+                                repeated.append(info.name)
+                            members[ext] = info
+                            self._index[f"{url}::{info.name}"] = (url, info.offset_data, info.size)
+                        refs = self._make_refs(url, samples, tar)
+                except tarfile.ReadError as e:
+                    raise SourceError(f"{url!r} is not an uncompressed tar file ({e})") from e
+        except FileNotFoundError as e:
+            raise SourceError(f"webdataset shard {url!r} not found") from e
+        if repeated:
+            raise DuplicateUidError(
+                f"webdataset shard {url!r}: {len(repeated)} member name(s) repeat a key and extension: "
+                f"{', '.join(map(repr, repeated[:_SHOW_DUPLICATES]))}",
+                [_WDS_KEY.match(n).group(1) for n in repeated[:_SHOW_DUPLICATES]],  # type: ignore[union-attr]
+                len(repeated),
+            )
+        self._indexed.add(url)
+        return refs
+
+    def _make_refs(self, url: str, samples: dict[str, dict[str, tarfile.TarInfo]], tar: tarfile.TarFile) -> list[SampleRef]:
+        refs: list[SampleRef] = []
+        skipped = 0
+        for key, members in samples.items():  # tar order, as webdataset yields them
+            image = next((members[k] for k in self.image_keys if k in members), None)
+            if image is None:
+                skipped += 1
+                continue
+            refs.append(
+                SampleRef(
+                    uid=key,
+                    location=f"{url}::{image.name}",
+                    label=self._text(tar, members.get(self.label_key)) if self.label_key else None,
+                    caption=self._text(tar, members.get(self.caption_key)) if self.caption_key else None,
+                )
+            )
+        if skipped:
+            log.warning("%s: %d sample(s) without any of %s skipped", url, skipped, self.image_keys)
+        return refs
+
+    @staticmethod
+    def _text(tar: tarfile.TarFile, info: tarfile.TarInfo | None) -> str | None:
+        if info is None:
+            return None
+        f = tar.extractfile(info)
+        assert f is not None  # regular file
+        try:
+            return f.read().decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise SourceError(f"member {info.name!r} of {tar.name!r} is not UTF-8 text ({e})") from e
+
+    def read_bytes(self, ref: SampleRef) -> bytes:
+        entry = self._index.get(ref.location)
+        if entry is None:
+            url, sep, member = ref.location.rpartition("::")
+            if not sep or url not in self.urls:
+                raise FileNotFoundError(f"{ref.location!r} is not a member location of this webdataset source")
+            if url not in self._indexed:
+                self._scan_tar(url)  # a fresh object (e.g. from config): index this tar once
+            entry = self._index.get(ref.location)
+            if entry is None:
+                raise FileNotFoundError(f"member {member!r} not found in {url!r}")
+        url, offset, size = entry
+        with _open_binary(url) as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{ref.location!r}: expected {size} bytes, read {len(data)} (tar truncated?)")
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "urls": list(self.urls),
+            "image_keys": list(self.image_keys),
+            "label_key": self.label_key,
+            "caption_key": self.caption_key,
+        }
+
+    def _name(self) -> str:
+        return f"webdataset ({len(self.urls)} shard(s), first {self.urls[0]!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------- tables
+def _read_table(path: str, columns: list[str]):
+    """Reads ``columns`` of a Parquet or CSV file (by extension) as a pyarrow Table; SourceError on missing columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    lower = path.lower()
+    if lower.endswith((".parquet", ".pq")):
+        available = pq.read_schema(path).names
+        kind = "parquet"
+    elif lower.endswith(".csv"):
+        with pacsv.open_csv(path) as reader:
+            available = reader.schema.names
+        kind = "csv"
+    else:
+        raise SourceError(f"table {path!r}: expected a .parquet or .csv file")
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise SourceError(f"table {path!r} has no column(s) {missing}; available: {available}")
+    if kind == "parquet":
+        return pq.read_table(path, columns=columns)
+    # Read as strings: ids like "0001" must not become integers.
+    opts = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
+    return pacsv.read_csv(path, convert_options=opts)
+
+
+def _column_as_str(table, name: str, path: str, *, allow_null: bool) -> list[str | None]:
+    values = table.column(name).to_pylist()
+    out: list[str | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            if not allow_null:
+                raise SourceError(f"table {path!r}: column {name!r} is null at row {i}")
+            out.append(None)
+        elif isinstance(v, bytes):
+            out.append(v.decode("utf-8"))
+        else:
+            out.append(str(v))
+    return out
+
+
+class TableSource(Source):
+    """Images listed in a Parquet or CSV table (chosen by extension).
+
+    uid = the ``uid_column`` value if given, else the path exactly as written in the table.
+    Relative paths resolve against ``root`` (default: the table's folder); absolute paths and URLs are used as is.
+    When ``root`` is given explicitly every path must stay inside it: ``..``, absolute paths elsewhere, URLs and
+    symlinks pointing outside are a SourceError naming the path.
+    """
+
+    kind = "table"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        path_column: str = "path",
+        uid_column: str | None = None,
+        label_column: str | None = None,
+        caption_column: str | None = None,
+        root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isfile(self.path):
+            raise SourceError(f"table {self.path!r} not found")
+        self.path_column = path_column
+        self.uid_column = uid_column
+        self.label_column = label_column
+        self.caption_column = caption_column
+        self.root = None if root is None else os.path.abspath(os.fspath(root))
+        if self.root is not None and not os.path.isdir(self.root):
+            raise SourceError(f"table root {self.root!r} is not a directory")
+
+    def _scan(self) -> list[SampleRef]:
+        wanted = [c for c in (self.path_column, self.uid_column, self.label_column, self.caption_column) if c]
+        table = _read_table(self.path, list(dict.fromkeys(wanted)))
+        paths = _column_as_str(table, self.path_column, self.path, allow_null=False)
+        uids = paths if self.uid_column is None else _column_as_str(table, self.uid_column, self.path, allow_null=False)
+        labels = _column_as_str(table, self.label_column, self.path, allow_null=True) if self.label_column else None
+        captions = _column_as_str(table, self.caption_column, self.path, allow_null=True) if self.caption_column else None
+        base = self.root if self.root is not None else os.path.dirname(self.path)
+        real_root = os.path.realpath(self.root) if self.root is not None else None
+        refs = []
+        for i, (p, uid) in enumerate(zip(paths, uids)):
+            assert p is not None and uid is not None
+            refs.append(
+                SampleRef(
+                    uid=uid,
+                    location=self._resolve(p, base, real_root),
+                    label=labels[i] if labels is not None else None,
+                    caption=captions[i] if captions is not None else None,
+                )
+            )
+        return refs
+
+    def _resolve(self, p: str, base: str, real_root: str | None) -> str:
+        if real_root is None:
+            return p if _is_url(p) or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+        if _is_url(p):
+            raise SourceError(f"table {self.path!r}: {p!r} is a URL, outside root {self.root!r}")
+        location = os.path.normpath(os.path.join(base, p))
+        # realpath resolves symlinks (in the file and its folders), so a link out of the root is caught too.
+        real = os.path.realpath(location)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise SourceError(f"table {self.path!r}: path {p!r} escapes root {self.root!r} (resolves to {real!r})")
+        return location
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "path_column": self.path_column,
+            "uid_column": self.uid_column,
+            "label_column": self.label_column,
+            "caption_column": self.caption_column,
+            "root": self.root,
+        }
+
+    def _name(self) -> str:
+        return f"table {self.path!r}"
+
+
+# ------------------------------------------------------------------------------------------- precomputed embeddings
+def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], what: str) -> list[str]:
+    """Glob patterns or explicit paths → sorted absolute paths; SourceError when nothing matches."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if glob.has_magic(s):
+            matches = glob.glob(s)
+            if not matches:
+                raise SourceError(f"{what} pattern {s!r} matches no file")
+            out.extend(matches)
+        elif os.path.isfile(s):
+            out.append(s)
+        else:
+            raise SourceError(f"{what} file {s!r} not found")
+    return sorted(os.path.abspath(p) for p in dict.fromkeys(out))
+
+
+class PrecomputedSource(Source):
+    """Precomputed embeddings in the LAION/DataComp layout: ``img_emb/img_emb_0000.npy`` + row-aligned
+    ``metadata/metadata_0000.parquet``. Files pair up by sorted order.
+
+    uid = the ``uid_column`` of the metadata (DataComp ``uid``, LAION ``key``); location = the
+    ``location_column`` value when given (e.g. ``url``), else ``"<npy path>#<row>"``.
+    There are no image bytes: use ``iter_shards`` instead of ``read_bytes``.
+    """
+
+    kind = "precomputed"
+    has_images = False
+
+    def __init__(
+        self,
+        emb_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        meta_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        uid_column: str = "key",
+        label_column: str | None = None,
+        caption_column: str | None = None,
+        location_column: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.emb_paths = _expand_paths(emb_paths, "embedding")
+        self.meta_paths = _expand_paths(meta_paths, "metadata")
+        if len(self.emb_paths) != len(self.meta_paths):
+            raise SourceError(
+                f"{len(self.emb_paths)} embedding file(s) but {len(self.meta_paths)} metadata file(s); "
+                f"they pair by sorted order (first: {self.emb_paths[:1]} / {self.meta_paths[:1]})"
+            )
+        self.uid_column = uid_column
+        self.label_column = label_column
+        self.caption_column = caption_column
+        self.location_column = location_column
+        self._shard_sizes: list[int] = []  # rows per shard pair, filled by _scan
+
+    def _shard_refs(self, emb_path: str, meta_path: str) -> list[SampleRef]:
+        import pyarrow.parquet as pq
+
+        emb = np.load(emb_path, mmap_mode="r")  # header only; the data stays on disk
+        if emb.ndim != 2:
+            raise SourceError(f"{emb_path!r}: expected a 2-d embedding array, got shape {emb.shape}")
+        meta_rows = pq.ParquetFile(meta_path).metadata.num_rows
+        if emb.shape[0] != meta_rows:
+            raise SourceError(
+                f"row count mismatch: {emb_path!r} has {emb.shape[0]} embeddings, {meta_path!r} has {meta_rows} rows"
+            )
+        cols = [c for c in (self.uid_column, self.label_column, self.caption_column, self.location_column) if c]
+        table = _read_table(meta_path, list(dict.fromkeys(cols)))
+        uids = _column_as_str(table, self.uid_column, meta_path, allow_null=False)
+        labels = _column_as_str(table, self.label_column, meta_path, allow_null=True) if self.label_column else None
+        caps = _column_as_str(table, self.caption_column, meta_path, allow_null=True) if self.caption_column else None
+        locs = _column_as_str(table, self.location_column, meta_path, allow_null=True) if self.location_column else None
+        return [
+            SampleRef(
+                uid=uid,  # type: ignore[arg-type]
+                location=(locs[i] if locs is not None and locs[i] is not None else f"{emb_path}#{i}"),
+                label=labels[i] if labels is not None else None,
+                caption=caps[i] if caps is not None else None,
+            )
+            for i, uid in enumerate(uids)
+        ]
+
+    def _scan(self) -> list[SampleRef]:
+        refs: list[SampleRef] = []
+        sizes = []
+        for emb_path, meta_path in zip(self.emb_paths, self.meta_paths):
+            shard = self._shard_refs(emb_path, meta_path)
+            refs.extend(shard)
+            sizes.append(len(shard))
+        self._shard_sizes = sizes
+        return refs
+
+    def iter_shards(self) -> Iterator[tuple[list[SampleRef], np.ndarray]]:
+        """Yields (refs, float32 embeddings) per shard pair, after validating every pair and uid up front.
+
+        float32 files come back memory-mapped (no copy); other dtypes are converted one shard at a time.
+        """
+        refs = self.refs()  # row counts and uid uniqueness across all shards are checked before any work starts
+        start = 0
+        for emb_path, n in zip(self.emb_paths, self._shard_sizes):
+            emb = np.load(emb_path, mmap_mode="r")
+            if emb.shape[0] != n:  # the file changed since refs() validated it
+                raise SourceError(f"{emb_path!r} now has {emb.shape[0]} rows, expected {n}")
+            vectors = emb if emb.dtype == np.float32 else np.asarray(emb, dtype=np.float32)
+            yield refs[start : start + n], vectors
+            start += n
+
+    def read_bytes(self, ref: SampleRef) -> bytes:
+        raise TypeError("PrecomputedSource holds embeddings, not image bytes; use iter_shards()")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "emb_paths": list(self.emb_paths),
+            "meta_paths": list(self.meta_paths),
+            "uid_column": self.uid_column,
+            "label_column": self.label_column,
+            "caption_column": self.caption_column,
+            "location_column": self.location_column,
+        }
+
+    def _name(self) -> str:
+        return f"precomputed embeddings ({len(self.emb_paths)} shard(s), first {self.emb_paths[0]!r})"
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+SOURCE_KINDS: dict[str, type[Source]] = {
+    cls.kind: cls for cls in (ImageFolderSource, WebDatasetSource, TableSource, PrecomputedSource)
+}
+
+
+def source_from_config(cfg: dict[str, Any]) -> Source:
+    """Builds a source from ``{"kind": ..., **kwargs}`` (the shape ``describe()`` returns)."""
+    if not isinstance(cfg, dict) or "kind" not in cfg:
+        raise SourceError(f"source config must be a dict with a 'kind' key, got {cfg!r}")
+    kwargs = dict(cfg)
+    kind = kwargs.pop("kind")
+    cls = SOURCE_KINDS.get(kind)
+    if cls is None:
+        raise SourceError(f"unknown source kind {kind!r}; known kinds: {sorted(SOURCE_KINDS)}")
+    positional = {"image_folder": "root", "webdataset": "urls", "table": "path"}
+    try:
+        if kind == "precomputed":
+            return cls(kwargs.pop("emb_paths"), kwargs.pop("meta_paths"), **kwargs)  # type: ignore[call-arg]
+        return cls(kwargs.pop(positional[kind]), **kwargs)  # type: ignore[call-arg]
+    except KeyError as e:
+        raise SourceError(f"source kind {kind!r} needs {e.args[0]!r}") from e
+    except TypeError as e:
+        raise SourceError(f"bad options for source kind {kind!r}: {e}") from e
