@@ -101,6 +101,126 @@ def step_random(ctx: ScoringContext, *, keep_fraction: float = 1.0, seed: int | 
     return out
 
 
+def _alive_view(ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows still alive: (row indices, embeddings, cluster ids, uids)."""
+    rows = np.flatnonzero(ctx.alive)
+    return rows, ctx.emb[rows], ctx.kmeans.assignment[rows], ctx.uids[rows]
+
+
+def _scatter(n: int, rows: np.ndarray, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    full = np.full(n, fill, dtype=np.float32)
+    full[rows] = values
+    return full
+
+
+def step_semdedup(
+    ctx: ScoringContext,
+    *,
+    eps: float | None = None,
+    target_keep_fraction: float | None = None,
+    eps_grid: list[float] | None = None,
+    keep: str = "hard",
+    batch_size: int = 4096,
+) -> StepOutput:
+    """SemDeDup inside each concept cluster on the rows still alive.
+
+    One pass computes every row's max similarity to a higher-ranked row of its cluster; `eps` (or the eps
+    that reaches `target_keep_fraction` of the rows entering this step, solved exactly) decides, and the kept
+    count for every eps of `eps_grid` goes to run.json. score_semdedup = that max similarity (NaN for the
+    first-ranked row of a cluster): higher = more redundant.
+    """
+    from scorers.semdedup import duplicate_mask, eps_for_keep_fraction, semdedup
+
+    if (eps is None) == (target_keep_fraction is None):
+        raise ValueError("semdedup needs exactly one of eps or target_keep_fraction")
+    rows, emb, clusters, uids = _alive_view(ctx)
+    grid = sorted({float(e) for e in (eps_grid or [])} | ({float(eps)} if eps is not None else set()))
+    # dup_of is resolved up to the largest eps passed; when eps is solved for afterwards, pass the widest (2.0).
+    widest = [2.0] if eps is None else []
+    result = semdedup(emb, clusters, ctx.kmeans.centroids, uids, eps=grid + widest, keep=keep, batch_size=batch_size,
+                      device=ctx.device, seed=ctx.seed)
+    if eps is None:
+        eps = eps_for_keep_fraction(result.max_sim, target_keep_fraction)
+    is_dup = duplicate_mask(result.max_sim, eps)
+    dup_local = result.dup_of_at(eps)
+    n = len(ctx.uids)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[is_dup]] = True
+    dup_of = np.full(n, -1, dtype=np.int64)
+    dup_of[rows[is_dup]] = rows[dup_local[is_dup]]
+    max_sim = np.where(np.isfinite(result.max_sim), result.max_sim, np.nan)
+    curve = {f"{e:g}": int((~duplicate_mask(result.max_sim, e)).sum()) for e in grid}
+    return StepOutput(
+        scores={"score_semdedup": _scatter(n, rows, max_sim)},
+        drop=drop,
+        dup_of=dup_of,
+        info={"eps": float(eps), "keep": keep, "entering": len(rows), "kept_by_eps": curve},
+    )
+
+
+def step_dbp(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: float,
+    temperature: float = 0.1,
+    n_neighbors: int = 20,
+    min_per_cluster: int = 1,
+    class_balance_ratio: float = 0.0,
+    keep: str = "hard",
+) -> StepOutput:
+    """Concept-complexity pruning (DBP, Abbas et al. ICLR 2024) on the rows still alive.
+
+    Complexity C_j = d_inter·d_intra per cluster, quotas from softmax(C/τ) with one shift λ and exact
+    rounding, then the quota farthest-from-centroid rows of each cluster are kept.
+    score_dbp_cluster_complexity = C of the row's cluster: higher = more complex concept = more kept.
+    """
+    from scorers.dbp import cluster_complexity, dbp_quotas, dbp_select
+
+    rows, emb, clusters, uids = _alive_view(ctx)
+    centroids = ctx.kmeans.centroids
+    complexity = cluster_complexity(emb, clusters, centroids, n_neighbors=min(n_neighbors, len(centroids) - 1))
+    budget = budget_for(ctx, keep_fraction)
+    quotas = dbp_quotas(
+        complexity.complexity,
+        complexity.sizes,
+        budget=budget,
+        temperature=temperature,
+        min_per_cluster=min_per_cluster,
+        class_balance_ratio=class_balance_ratio,
+    )
+    kept = dbp_select(emb, clusters, centroids, quotas, keep=keep, uids=uids, seed=ctx.seed)
+    n = len(ctx.uids)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[~kept]] = True
+    table = [
+        {"cluster": j, "size": int(complexity.sizes[j]), "d_intra": float(complexity.d_intra[j]),
+         "d_inter": float(complexity.d_inter[j]), "complexity": float(complexity.complexity[j]), "quota": int(quotas[j])}
+        for j in range(len(quotas))
+    ]
+    return StepOutput(
+        scores={"score_dbp_cluster_complexity": _scatter(n, rows, complexity.complexity[clusters])},
+        drop=drop,
+        info={"budget": budget, "temperature": temperature, "n_neighbors": n_neighbors, "quotas": table},
+    )
+
+
+def step_prototype(ctx: ScoringContext, *, keep: str = "hard", keep_fraction: float | None = None) -> StepOutput:
+    """Prototype score (Sorscher et al. 2022): cosine distance to the nearest k-means centroid.
+
+    score_prototype is the distance itself (higher = farther from its prototype = harder). With keep_fraction,
+    keeps the farthest (keep: hard) or nearest (keep: easy) rows, class-balanced when labels exist.
+    """
+    from scorers.prototypes import prototype_scores
+
+    if keep not in ("hard", "easy"):
+        raise ValueError(f"prototype keep must be 'hard' or 'easy', got {keep!r}")
+    distance = prototype_scores(ctx.emb, ctx.kmeans.centroids, keep="hard", device=ctx.device)
+    out = StepOutput(scores={"score_prototype": distance})
+    if keep_fraction is not None:
+        out.drop, out.info = select_among_alive(ctx, distance, keep_fraction, rule=keep)
+    return out
+
+
 STEPS: dict[str, StepSpec] = {
     "exact_dup": StepSpec(step_exact_dup, "exact_dup", frozenset(), "drops byte-identical copies; keeps the smallest uid"),
     "random": StepSpec(
@@ -108,6 +228,24 @@ STEPS: dict[str, StepSpec] = {
         "random",
         frozenset({"keep_fraction", "seed"}),
         "score_random: uniform, seeded; keeps a class-balanced random subset",
+    ),
+    "semdedup": StepSpec(
+        step_semdedup,
+        "semdedup",
+        frozenset({"eps", "target_keep_fraction", "eps_grid", "keep", "batch_size"}),
+        "score_semdedup: max cosine similarity to a higher-ranked row of the same cluster; higher = more redundant",
+    ),
+    "dbp": StepSpec(
+        step_dbp,
+        "dbp_quota",
+        frozenset({"keep_fraction", "temperature", "n_neighbors", "min_per_cluster", "class_balance_ratio", "keep"}),
+        "score_dbp_cluster_complexity: d_inter·d_intra of the row's cluster; higher = more complex concept, larger quota",
+    ),
+    "prototype": StepSpec(
+        step_prototype,
+        "prototype",
+        frozenset({"keep", "keep_fraction"}),
+        "score_prototype: cosine distance to the nearest centroid; higher = harder (kept first with keep: hard)",
     ),
 }
 

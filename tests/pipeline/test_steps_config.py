@@ -82,3 +82,54 @@ def test_config_file_and_overrides(tmp_path):
         load_config(path, {"embed.unknown": 1})
     with pytest.raises(ValidationError, match="precomputed"):
         load_config(path, {"source.kind": "precomputed"})
+
+
+def _clustered_ctx(seed=0):
+    """Three tight clusters of 30 rows with two planted near-duplicates (cos ≈ 0.9999) and k-means from the pipeline."""
+    from pipeline.index import spherical_kmeans
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16))
+    emb = np.concatenate([c + 0.3 * rng.normal(size=(30, 16)) for c in centres]).astype(np.float32)
+    emb[10] = emb[3] + 0.002 * rng.normal(size=16)
+    emb[50] = emb[40] + 0.002 * rng.normal(size=16)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    n = len(emb)
+    km = spherical_kmeans(emb, KMeansParams(k=3, seed=1))
+    return ScoringContext(
+        emb=emb,
+        uids=np.array([f"u{i:03d}" for i in range(n)], dtype=object),
+        labels=None,
+        sha1=np.array([f"h{i}" for i in range(n)], dtype=object),
+        kmeans=km,
+        alive=np.ones(n, bool),
+        n_scorable=n,
+        device="cpu",
+    )
+
+
+def test_semdedup_then_dbp_compose_to_the_budget():
+    ctx = _clustered_ctx()
+    cols, notes = run_steps(ctx, [("semdedup", {"eps": 0.001, "eps_grid": [0.0001, 0.1]}), ("dbp", {"keep_fraction": 0.5})])
+    reason = cols["reason"]
+    dropped_dups = set(np.flatnonzero(reason == "semdedup"))
+    assert len(dropped_dups) == 2  # exactly one of each planted pair
+    assert len({3, 10} & dropped_dups) == 1 and len({40, 50} & dropped_dups) == 1
+    for i in dropped_dups:
+        partner = {3: 10, 10: 3, 40: 50, 50: 40}[i]
+        assert cols["dup_of"][i] == partner
+        assert cols["score_semdedup"][i] > 0.999
+    assert (reason == None).sum() == 45  # noqa: E711 - DBP keeps exactly half of all rows
+    assert notes[0]["kept_by_eps"]["0.1"] <= notes[0]["kept_by_eps"]["0.001"] <= notes[0]["kept_by_eps"]["0.0001"]
+    quotas = notes[1]["quotas"]
+    assert sum(q["quota"] for q in quotas) == 45 and all(q["quota"] <= q["size"] for q in quotas)
+    assert np.isfinite(cols["score_dbp_cluster_complexity"][reason != "semdedup"]).all()
+
+
+def test_semdedup_target_keep_fraction_and_determinism():
+    a, _ = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_fraction": 0.8})])
+    b, notes = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_fraction": 0.8})])
+    assert abs((a["reason"] == None).sum() - 72) <= 2  # noqa: E711
+    assert np.array_equal(a["reason"], b["reason"]) and np.array_equal(a["dup_of"], b["dup_of"])
+    dropped = np.flatnonzero(a["reason"] == "semdedup")
+    assert (a["dup_of"][dropped] >= 0).all()
