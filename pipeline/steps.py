@@ -72,8 +72,8 @@ def select_among_alive(
     budget = budget_for(ctx, keep_fraction)
     rows = np.flatnonzero(ctx.alive)
     labels = ctx.labels[rows] if ctx.labels is not None else None
-    if "embeddings" in rule_knobs:
-        rule_knobs["embeddings"] = rule_knobs["embeddings"][rows]
+    # per-row knobs (embeddings for moderate, cut_scores for CCS) follow the rows
+    rule_knobs = {k: v[rows] if isinstance(v, np.ndarray) and len(v) == len(ctx.alive) else v for k, v in rule_knobs.items()}
     chosen = select(scores[rows], budget=budget, rule=rule, labels=labels, seed=ctx.seed, **rule_knobs)
     drop = np.zeros(len(ctx.alive), dtype=bool)
     drop[rows[~chosen.keep]] = True
@@ -221,6 +221,91 @@ def step_prototype(ctx: ScoringContext, *, keep: str = "hard", keep_fraction: fl
     return out
 
 
+def _labels_or_error(ctx: ScoringContext, scorer: str) -> np.ndarray:
+    if ctx.labels is None:
+        raise ValueError(f"{scorer} needs labels; the source has none (image_folder class subfolders, or a label column)")
+    return ctx.labels
+
+
+def _select_knobs(ctx: ScoringContext, rule: str, cut_scores: np.ndarray | None = None) -> dict[str, Any]:
+    knobs: dict[str, Any] = {}
+    if rule == "moderate":
+        knobs["embeddings"] = ctx.emb
+    if rule in ("ccs", "auto") and cut_scores is not None:
+        knobs["cut_scores"] = cut_scores
+    return knobs
+
+
+def step_el2n(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: float | None = None,
+    rule: str = "auto",
+    head: str = "linear",
+    n_seeds: int = 5,
+    n_folds: int = 5,
+    epochs: int = 10,
+    score_epoch: int = 2,
+    with_aum: bool = False,
+    seed: int | None = None,
+) -> StepOutput:
+    """EL2N and GraNd (Paul et al. 2021) from out-of-fold proxy heads on the embeddings of the rows still alive.
+
+    score_el2n, score_grand: higher = harder (kept first by rule hard). For the linear head GraNd is exactly
+    EL2N·√(‖h‖²+1), so on unit embeddings it ranks like EL2N. With with_aum, score_aum from the same training
+    (low = likely mislabeled) and CCS cuts by it, as Zheng et al. do. With keep_fraction, `rule` selects
+    (auto: hard at ≥ 70% kept, CCS below; see pipeline/select.py).
+    """
+    from scorers.el2n import el2n_embedding_scores
+
+    labels = _labels_or_error(ctx, "el2n")
+    rows = np.flatnonzero(ctx.alive)
+    result = el2n_embedding_scores(
+        ctx.emb[rows], labels[rows], head=head, n_seeds=n_seeds, n_folds=n_folds, epochs=epochs, score_epoch=score_epoch,
+        return_aum=with_aum, device=ctx.device, seed=ctx.seed if seed is None else seed,
+    )
+    n = len(ctx.uids)
+    out = StepOutput(
+        scores={"score_el2n": _scatter(n, rows, result.el2n), "score_grand": _scatter(n, rows, result.grand)},
+        info={"proxy": result.info},
+    )
+    cut = None
+    if result.aum is not None:
+        out.scores["score_aum"] = _scatter(n, rows, result.aum)
+        cut = -out.scores["score_aum"]
+    if keep_fraction is not None:
+        out.drop, note = select_among_alive(ctx, out.scores["score_el2n"], keep_fraction, rule=rule, **_select_knobs(ctx, rule, cut))
+        out.info.update(note)
+    return out
+
+
+def step_aum(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: float | None = None,
+    head: str = "linear",
+    n_seeds: int = 5,
+    n_folds: int = 5,
+    epochs: int = 10,
+    seed: int | None = None,
+) -> StepOutput:
+    """AUM, area under the margin (Pleiss et al. 2020), out of fold on the embeddings of the rows still alive.
+
+    score_aum: mean over epochs of (assigned logit − largest other logit); LOW = likely mislabeled.
+    With keep_fraction, keeps the highest-AUM rows (drops the likeliest label errors), class-balanced.
+    """
+    from scorers.aum import aum_embedding_scores
+
+    labels = _labels_or_error(ctx, "aum")
+    rows = np.flatnonzero(ctx.alive)
+    aum = aum_embedding_scores(ctx.emb[rows], labels[rows], head=head, n_seeds=n_seeds, n_folds=n_folds, epochs=epochs,
+                               device=ctx.device, seed=ctx.seed if seed is None else seed)
+    out = StepOutput(scores={"score_aum": _scatter(len(ctx.uids), rows, aum)})
+    if keep_fraction is not None:
+        out.drop, out.info = select_among_alive(ctx, out.scores["score_aum"], keep_fraction, rule="hard")
+    return out
+
+
 STEPS: dict[str, StepSpec] = {
     "exact_dup": StepSpec(step_exact_dup, "exact_dup", frozenset(), "drops byte-identical copies; keeps the smallest uid"),
     "random": StepSpec(
@@ -246,6 +331,18 @@ STEPS: dict[str, StepSpec] = {
         "prototype",
         frozenset({"keep", "keep_fraction"}),
         "score_prototype: cosine distance to the nearest centroid; higher = harder (kept first with keep: hard)",
+    ),
+    "el2n": StepSpec(
+        step_el2n,
+        "el2n",
+        frozenset({"keep_fraction", "rule", "head", "n_seeds", "n_folds", "epochs", "score_epoch", "with_aum", "seed"}),
+        "score_el2n, score_grand: higher = harder (out-of-fold proxy heads); score_aum: low = likely mislabeled",
+    ),
+    "aum": StepSpec(
+        step_aum,
+        "aum",
+        frozenset({"keep_fraction", "head", "n_seeds", "n_folds", "epochs", "seed"}),
+        "score_aum: area under the margin; low = likely mislabeled; keeps the highest",
     ),
 }
 

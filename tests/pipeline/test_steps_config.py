@@ -133,3 +133,24 @@ def test_semdedup_target_keep_fraction_and_determinism():
     assert np.array_equal(a["reason"], b["reason"]) and np.array_equal(a["dup_of"], b["dup_of"])
     dropped = np.flatnonzero(a["reason"] == "semdedup")
     assert (a["dup_of"][dropped] >= 0).all()
+
+
+def test_el2n_step_flags_flipped_labels_and_selects_exactly():
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = np.array(["a", "b"] * (n // 2), dtype=object)
+    centre = np.where(labels == "a", 1.0, -1.0)[:, None] * np.eye(1, 8)
+    emb = (centre + 0.35 * rng.normal(size=(n, 8))).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    flipped = rng.choice(n, 20, replace=False)
+    noisy = labels.copy()
+    noisy[flipped] = np.where(labels[flipped] == "a", "b", "a")
+    ctx = _ctx(n=n)
+    ctx.emb, ctx.labels = emb, noisy
+    cols, notes = run_steps(ctx, [("el2n", {"keep_fraction": 0.8, "rule": "hard", "with_aum": True, "n_seeds": 2})])
+    top = np.argsort(-cols["score_el2n"])[:40]
+    assert len(set(top) & set(flipped)) >= 16  # most flipped labels rank in the top 10%
+    assert np.mean(cols["score_aum"][flipped]) < np.mean(np.delete(cols["score_aum"], flipped))
+    assert (cols["reason"] == "el2n").sum() == 80 and notes[0]["rule"] == "hard"
+    with pytest.raises(ValueError, match="needs labels"):
+        run_steps(_ctx(n=20, labels=False), [("el2n", {})])
