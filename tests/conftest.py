@@ -47,3 +47,25 @@ def tiny_clip_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg_path.write_text(json.dumps(TINY_CLIP_CONFIG))
     open_clip.add_model_config(cfg_path)
     return TINY_CLIP_NAME
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect engine (its embedded local server on a temporary database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tiny_clip_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint file of the tiny model (seeded random weights), for the pretrained-path route."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_clip_model, pretrained=None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path

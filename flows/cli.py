@@ -1,0 +1,130 @@
+"""`winnow` command line: run, deploy, demo, validate, summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE (dotted keys, e.g. index.k=50), got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
+    """The human summary of a run: counts per stage and reason, time per stage, where the manifest is."""
+    counts = info["counts"]
+    lines = [f"winnow run '{info['config']['name']}' — embedder: {info['config']['embed']['kind']}"]
+    lines.append(f"  samples: {counts['samples']}   kept: {counts['kept']} ({counts['kept'] / max(counts['samples'], 1):.1%})")
+    lines.append("  store status: " + ", ".join(f"{k}={v}" for k, v in counts.get("store_status", {}).items()))
+    if counts.get("embed_shards_skipped"):
+        lines.append(f"  embed shards reused from an earlier run: {counts['embed_shards_skipped']}")
+    lines.append("  steps:")
+    for note in info["steps"]:
+        lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
+    lines.append("  by reason: " + ", ".join(f"{'kept' if k == 'None' else k}={v}" for k, v in counts["by_reason"].items()))
+    lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
+    lines.append(f"  manifest: {manifest_path}")
+    lines.append(f"  query it: python -c \"import polars as pl; print(pl.read_parquet('{manifest_path}').group_by('reason').len())\"")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.curate import curate
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, _parse_overrides(args.set))
+    info = curate(config=cfg.model_dump(mode="json"))
+    print(format_summary(info, cfg.run_dir / "manifest.parquet"))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import serve_curate
+
+    serve_curate(args.config, cron=args.cron, name=args.name, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.manifest import read_manifest
+
+    frame = read_manifest(args.manifest)
+    print(f"{args.manifest}: valid manifest, {frame.height} rows, {int(frame['keep'].sum())} kept, columns {frame.columns}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline.manifest import read_run_info
+
+    info = read_run_info(args.run_dir)
+    print(json.dumps(info, indent=2) if args.json else format_summary(info, Path(args.run_dir) / "manifest.parquet"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="winnow",
+        description="Dataset curation and data pruning: embed images, cluster them, score and prune, write a Parquet manifest.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the curate flow on a YAML config (Prefect's local server, no setup needed)")
+    run.add_argument("config", help="path to the YAML config (see README 'Configuration')")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set index.k=50")
+    run.set_defaults(fn=cmd_run)
+
+    deploy = sub.add_parser("deploy", help="serve the curate flow on a cron schedule (needs a Prefect server: PREFECT_API_URL)")
+    deploy.add_argument("config")
+    deploy.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    deploy.add_argument("--name", default=None, help="deployment name (default: the config's name)")
+    deploy.add_argument("--dry-run", action="store_true", help="build and print the deployment without serving it")
+    deploy.set_defaults(fn=cmd_deploy)
+
+    demo = sub.add_parser("demo", help="curate scikit-learn's bundled digits (1,797 real images) with the pixels embedder")
+    demo.add_argument("--out", default="demo_data", help="where to write the images, the store and the manifest")
+    demo.set_defaults(fn=cmd_demo)
+
+    validate = sub.add_parser("validate", help="check a manifest file against the schema")
+    validate.add_argument("manifest", help="manifest.parquet or its run directory")
+    validate.set_defaults(fn=cmd_validate)
+
+    summary = sub.add_parser("summary", help="print the summary of a finished run")
+    summary.add_argument("run_dir")
+    summary.add_argument("--json", action="store_true", help="print run.json as is")
+    summary.set_defaults(fn=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # Config, source and schema errors carry messages meant for the user; no traceback wall.
+        print(f"winnow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
