@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as exc:
-        # Config, source and schema errors carry messages meant for the user; no traceback wall.
-        print(f"winnow: error: {exc}", file=sys.stderr)
+        # Config, source, budget and schema errors carry messages meant for the user; no traceback wall.
+        if os.environ.get("WINNOW_DEBUG"):
+            raise
+        print(f"winnow: error: {exc}  (WINNOW_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 
