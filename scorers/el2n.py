@@ -42,6 +42,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from pipeline.device import select_device
 import torch.nn.functional as F
 from torch import nn
 
@@ -91,15 +93,6 @@ def encode_labels(labels: np.ndarray | Sequence[Any]) -> tuple[np.ndarray, np.nd
     except TypeError as exc:  # e.g. a mix of None, ints and strings
         raise ValueError(f"labels must be all ints or all strings (sortable): {exc}") from exc
     return codes.reshape(-1).astype(np.int64), classes
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _seed_ints(seed: int, *keys: int) -> list[int]:
@@ -300,7 +293,7 @@ def el2n_embedding_scores(
         raise ValueError(f"need at least n_folds={n_folds} rows, got {n}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
-    dev = _resolve_device(device)
+    dev = select_device(device)
 
     rows = _RowSource(x_arr, dev, preload_max_bytes)
     folds = np.stack([_stratified_folds(codes, n_folds, np.random.default_rng(_seed_ints(seed, s, 0)[0]))
@@ -572,7 +565,7 @@ def el2n_model_scores(
         raise ValueError("dataset is empty")
     if len(score_ds) != n:  # type: ignore[arg-type]
         raise ValueError(f"score_dataset has {len(score_ds)} rows but dataset has {n}")  # type: ignore[arg-type]
-    dev = _resolve_device(device)
+    dev = select_device(device)
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
 
     el2n_sum = torch.zeros(n, dtype=torch.float64)

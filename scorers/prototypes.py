@@ -12,41 +12,24 @@ assigned centroid.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import torch
 
+from pipeline.device import select_device
+
 __all__ = [
     "distance_to_centroid",
     "fp32_matmul",
     "nearest_centroid",
     "prototype_scores",
-    "resolve_device",
 ]
 
 # Rows per chunk when streaming over a (possibly memory-mapped, float16) embedding matrix: bounds the float32
 # temporaries to a few tens of MB whatever the dataset size.
 _CHUNK_ROWS = 16384
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Return the torch device to compute on: "auto" takes CUDA when present; "cuda" falls back to the CPU with a
-    RuntimeWarning when no GPU is present (results agree up to fp32 rounding; only the speed differs)."""
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("device='cuda' requested but CUDA is not available; computing on the CPU", RuntimeWarning, stacklevel=3)
-        return torch.device("cpu")
-    return dev
 
 
 @contextlib.contextmanager
@@ -159,7 +142,7 @@ def nearest_centroid(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, d = emb.shape
-    dev = resolve_device(device)
+    dev = select_device(device)
     mu = torch.from_numpy(unit_centroids(centroids, d).astype(np.float32)).to(dev)
     idx = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)

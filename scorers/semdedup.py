@@ -30,12 +30,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline.device import select_device
+
 from scorers.prototypes import (
     _check_emb,
     check_cluster_ids,
     distance_to_centroid,
     fp32_matmul,
-    resolve_device,
     unit_centroids,
 )
 
@@ -252,7 +253,7 @@ def semdedup_cluster(
     o = _check_order(order, n)
     if math.isnan(prior_above):
         raise ValueError("prior_above must not be NaN")
-    dev = resolve_device(device)
+    dev = select_device(device)
     max_sim = np.full(n, -np.inf, dtype=np.float32)
     prior = np.full(n, -1, dtype=np.int64)
     if n < 2:
@@ -303,7 +304,7 @@ def semdedup(
     k = mu.shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
     uid_rank = _uid_ranks(uids, n)
-    dev = resolve_device(device)
+    dev = select_device(device)
     rand_key = _primary_key(np.zeros(n), uid_rank, "random", seed) if keep == "random" else None
 
     # Rows grouped by cluster, in uid order inside each group: a canonical order that does not depend on how the
