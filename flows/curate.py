@@ -32,7 +32,16 @@ def _timed(stats: stages.RunStats, name: str):
     stats.timings[name] = stats.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def _io_error_only(task, task_run, state) -> bool:
+    """Retry transient I/O failures only; a bad config or a duplicate uid fails the same way every time."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error_only)
+
+
+@io_task
 def ingest(cfg: CurateConfig) -> stages.IngestPlan:
     plan = stages.plan_ingest(cfg)
     get_run_logger().info("ingest: %d samples in %d shards from %s", len(plan.refs), len(plan.shards), cfg.source.kind)
@@ -49,7 +58,7 @@ def prepare_embedder(cfg: CurateConfig, plan: stages.IngestPlan) -> tuple[Any, E
     return embedder, store
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@io_task
 def embed_shard(cfg: CurateConfig, plan: stages.IngestPlan, embedder: Any, store: EmbeddingStore, shard: int) -> dict[str, int]:
     start, stop = plan.shards[shard]
     with tqdm(total=stop - start, desc=f"embed shard {shard}", unit="img", leave=False, disable=store.is_done(shard)) as bar:
@@ -57,7 +66,7 @@ def embed_shard(cfg: CurateConfig, plan: stages.IngestPlan, embedder: Any, store
     return counts
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@io_task
 def ingest_precomputed(cfg: CurateConfig, plan: stages.IngestPlan) -> EmbeddingStore:
     return stages.ingest_precomputed(cfg, plan)
 
