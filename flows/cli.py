@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml

@@ -1,12 +1,6 @@
 """The `curate` Prefect flow: thin tasks over pipeline.stages."""
 from __future__ import annotations
 
-import os
-
-# Before prefect is imported: no analytics, nothing waiting on the internet.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
 import time
 from contextlib import contextmanager
 from pathlib import Path

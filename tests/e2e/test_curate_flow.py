@@ -114,6 +114,8 @@ def test_sigkill_during_embedding_then_rerun(cifar_subset, tiny_clip_checkpoint,
     deadline = time.time() + 240
     while not store.done_shards() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    if proc.poll() is not None:  # it ended before any shard was done: say why instead of killing nothing
+        pytest.fail(f"winnow run exited ({proc.returncode}) before the kill:\n{proc.stdout.read().decode()[-3000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = store.done_shards()
