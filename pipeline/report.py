@@ -1,0 +1,694 @@
+"""The run report: one self-contained HTML file per manifest run directory.
+
+``write_report(run_dir)`` reads ``manifest.parquet`` and ``run.json`` and writes ``report.html`` beside them:
+counts per step and reason, kept fraction per class and per cluster, a histogram per score column with the cut
+marked, DBP cluster complexity vs quota, SemDeDup eps vs fraction kept, and image grids (kept vs dropped samples,
+the closest duplicate pairs, the hardest and easiest examples per class).
+
+Everything is embedded: plots are matplotlib PNGs and thumbnails small PNG/JPEGs, both as ``data:`` URIs, styles
+inline, no script. The page therefore opens offline and can be mailed or attached as a CI artefact.
+
+It stays fast on million-row manifests: statistics are polars/numpy aggregations, and only the few hundred
+samples shown in grids are read from the source and decoded. Sections whose data is absent (no labels, no
+SemDeDup step, a source without image bytes) stay in the page with a note saying why, so their ids are stable.
+
+Section ids: summary, counts, kept-by-class, kept-by-cluster, histograms, dbp, semdedup, grids, duplicates,
+hardest-easiest. Plots are ``<img class="plot">``, thumbnails ``<img class="thumb">``, a thumbnail that could
+not be produced is ``<div class="thumb missing">``, and a section's "not available" note is ``<p class="absent">``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from manifests.schema import SCORE_PREFIX
+from pipeline.atomic import atomic_write_text
+from pipeline.manifest import read_manifest, read_run_info
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+
+# Score columns that rank examples by difficulty, in order of preference, with the sign that makes
+# "larger = harder". Training-dynamics scores come first: they measure difficulty for the model directly.
+HARDNESS_COLUMNS: dict[str, int] = {
+    "score_el2n": 1,  # EL2N: larger error norm = harder
+    "score_grand": 1,  # GraNd: larger gradient norm = harder
+    "score_aum": -1,  # AUM: small or negative margin = harder (often mislabeled)
+    "score_forgetting": 1,  # forgetting events: more = harder
+    "score_prototype": 1,  # distance to the nearest centroid: farther = harder
+}
+
+_KEPT_COLOUR = "#2b8a3e"
+_DROP_COLOUR = "#c92a2a"
+_OTHER_COLOUR = "#adb5bd"
+_MAX_BARS = 60  # above this many classes/clusters, bar charts become distributions
+
+
+@dataclass(frozen=True)
+class _Thumb:
+    uid: str
+    location: str | None
+    label: str | None
+    caption: str  # text under the image
+
+
+def write_report(
+    run_dir: str | Path,
+    out_path: str | Path | None = None,
+    *,
+    grid_size: int = 24,
+    pairs: int = 8,
+    per_class: int = 6,
+    max_classes: int = 12,
+    hardness_column: str | None = None,
+    thumb_px: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Writes the run's self-contained HTML report and returns its path (default ``run_dir/report.html``).
+
+    grid_size: kept and dropped samples shown each; pairs: duplicate pairs shown per kind (exact, semantic);
+    per_class / max_classes: hardest and easiest examples per class, for at most that many classes;
+    hardness_column: the score column ranking difficulty (default: the first of HARDNESS_COLUMNS present);
+    thumb_px: longest thumbnail side; seed: for the sampled grids.
+    Raises ManifestError (a ValueError) when run_dir holds no finished run, ValueError for bad knobs.
+    """
+    run_dir = Path(run_dir)
+    for name, value, low in (("grid_size", grid_size, 0), ("pairs", pairs, 0), ("per_class", per_class, 0),
+                             ("max_classes", max_classes, 1), ("thumb_px", thumb_px, 8)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    info = read_run_info(run_dir)
+    frame = read_manifest(run_dir)
+    if hardness_column is not None and hardness_column not in frame.columns:
+        raise ValueError(f"hardness_column {hardness_column!r} is not a manifest column; score columns: {_score_columns(frame)}")
+    out = Path(out_path) if out_path is not None else run_dir / REPORT_FILE
+
+    thumbs = _ThumbReader(info.get("config", {}).get("source"), thumb_px)
+    sections = [
+        _summary(info, frame, run_dir),
+        _counts(info, frame),
+        _kept_by_class(frame),
+        _kept_by_cluster(frame),
+        _histograms(info, frame),
+        _dbp(info),
+        _semdedup(info, frame),
+        _grids(frame, thumbs, grid_size, seed),
+        _duplicates(frame, thumbs, pairs),
+        _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column),
+    ]
+    title = f"winnow report — {info.get('config', {}).get('name', run_dir.name)}"
+    page = _PAGE.format(title=_e(title), css=_CSS, body="\n".join(sections))
+    atomic_write_text(out, page)
+    return out
+
+
+# ---- sections --------------------------------------------------------------------------------------------------
+
+
+def _summary(info: dict[str, Any], frame: pl.DataFrame, run_dir: Path) -> str:
+    cfg = info.get("config", {})
+    n = frame.height
+    kept = int(frame["keep"].sum())
+    embed = cfg.get("embed", {})
+    embedder = str(embed.get("kind", "?"))
+    if embed.get("kind") == "clip":
+        embedder += f" {embed.get('model')} ({embed.get('checkpoint') or embed.get('pretrained')})"
+    rows = [
+        ("run", cfg.get("name", run_dir.name)),
+        ("run directory", str(run_dir)),
+        ("source", cfg.get("source", {}).get("kind", "?")),
+        ("embedder", embedder),
+        ("samples", f"{n:,}"),
+        ("kept", f"{kept:,} ({_pct(kept, n)})"),
+        ("finished", info.get("finished_at", "?")),
+    ]
+    timings = info.get("timings_s") or {}
+    if timings:
+        rows.append(("time per stage", ", ".join(f"{k} {float(v):.2f}s" for k, v in timings.items())))
+    status = (info.get("counts") or {}).get("store_status")
+    if status:
+        rows.append(("store status", ", ".join(f"{k}={v:,}" for k, v in status.items())))
+    config_text = json.dumps(cfg, indent=2, sort_keys=True)
+    body = _table(["", ""], rows, header=False) + f"<details><summary>config</summary><pre>{_e(config_text)}</pre></details>"
+    return _section("summary", "Summary", body)
+
+
+def _counts(info: dict[str, Any], frame: pl.DataFrame) -> str:
+    steps = info.get("steps") or []
+    n = frame.height
+    parts = []
+    if steps:
+        rows = [
+            (i, s.get("scorer", "?"), _knobs(s.get("knobs")), f"{int(s.get('dropped', 0)):,}",
+             f"{int(s.get('alive_after', 0)):,}")
+            for i, s in enumerate(steps)
+        ]
+        parts.append("<h3>Per step (in order)</h3>" + _table(["#", "scorer", "knobs", "dropped", "left after"], rows))
+    reasons = frame.group_by("reason").len().sort("len", descending=True)
+    reason_rows = [("kept" if r is None else r, f"{c:,}", _pct(c, n)) for r, c in reasons.iter_rows()]
+    parts.append("<h3>By reason</h3>" + _table(["reason", "rows", "share"], reason_rows))
+    names = ["kept" if r is None else r for r in reasons["reason"].to_list()]
+    counts = reasons["len"].to_numpy()
+    fig, ax = _figure(6.0, 0.35 * len(names) + 1.0)
+    colours = [_KEPT_COLOUR if name == "kept" else _DROP_COLOUR for name in names]
+    ax.barh(names[::-1], counts[::-1], color=colours[::-1])
+    ax.set_xlabel("rows")
+    ax.set_title("rows by reason")
+    parts.append(_plot(fig, "rows by reason"))
+    return _section("counts", "Counts per step and reason", "".join(parts))
+
+
+def _kept_by_class(frame: pl.DataFrame) -> str:
+    if "label" not in frame.columns or frame["label"].null_count() == frame.height:
+        return _section("kept-by-class", "Kept fraction per class", _absent("the source has no labels"))
+    stats = _kept_fraction(frame.filter(pl.col("label").is_not_null()), "label")
+    return _section("kept-by-class", "Kept fraction per class", _fraction_body(stats, "label", "class"))
+
+
+def _kept_by_cluster(frame: pl.DataFrame) -> str:
+    clustered = frame.filter(pl.col("cluster") >= 0)
+    if clustered.height == 0:
+        return _section("kept-by-cluster", "Kept fraction per cluster", _absent("no row has a concept cluster"))
+    stats = _kept_fraction(clustered, "cluster")
+    return _section("kept-by-cluster", "Kept fraction per cluster", _fraction_body(stats, "cluster", "cluster"))
+
+
+def _kept_fraction(frame: pl.DataFrame, key: str) -> pl.DataFrame:
+    return (
+        frame.group_by(key)
+        .agg(pl.len().alias("size"), pl.col("keep").sum().alias("kept"))
+        .with_columns((pl.col("kept") / pl.col("size")).alias("fraction"))
+        .sort(key)
+    )
+
+
+def _fraction_body(stats: pl.DataFrame, key: str, noun: str) -> str:
+    keys = [str(k) for k in stats[key].to_list()]
+    frac = stats["fraction"].to_numpy()
+    size = stats["size"].to_numpy()
+    if len(keys) <= _MAX_BARS:
+        fig, ax = _figure(max(6.0, 0.22 * len(keys) + 1.5), 3.2)
+        ax.bar(range(len(keys)), frac, color=_KEPT_COLOUR)
+        ax.set_xticks(range(len(keys)), keys, rotation=90 if len(keys) > 12 else 0, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(noun)
+        ax.set_ylabel("fraction kept")
+        ax.set_title(f"fraction kept per {noun}")
+        plot = _plot(fig, f"fraction kept per {noun}")
+        rows = [(k, f"{s:,}", f"{int(kp):,}", f"{f:.1%}") for k, s, kp, f in zip(keys, size, stats["kept"].to_numpy(), frac)]
+        return plot + _table([noun, "rows", "kept", "fraction"], rows)
+    # Too many to label one by one: the fraction against size shows whether pruning favours small or large groups.
+    fig, ax = _figure(6.0, 3.4)
+    ax.scatter(size, frac, s=6, alpha=0.5, color=_KEPT_COLOUR, rasterized=True)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"{noun} size (rows)")
+    ax.set_ylabel("fraction kept")
+    ax.set_title(f"fraction kept per {noun} ({len(keys):,} {noun}s)")
+    order = np.argsort(frac, kind="stable")
+    pick = list(order[:10]) + list(order[-10:][::-1])
+    rows = [(keys[i], f"{size[i]:,}", f"{frac[i]:.1%}") for i in pick]
+    return _plot(fig, f"fraction kept per {noun}") + f"<p>The 10 {noun}s kept least, then the 10 kept most.</p>" + _table(
+        [noun, "rows", "fraction"], rows
+    )
+
+
+def _histograms(info: dict[str, Any], frame: pl.DataFrame) -> str:
+    cols = _score_columns(frame)
+    if not cols:
+        return _section("histograms", "Score histograms", _absent("no scorer wrote a score column"))
+    steps = info.get("steps") or []
+    reasons = _step_reasons(steps)
+    orientation = info.get("orientation") or {}
+    parts = []
+    reason = frame["reason"].to_numpy()
+    keep = frame["keep"].to_numpy()
+    for col in cols:
+        pos = _step_for_column(col, steps)
+        values = frame[col].to_numpy()
+        finite = np.isfinite(values)
+        if not finite.any():
+            parts.append(f"<h3>{_e(col)}</h3>" + _absent("no finite values"))
+            continue
+        own = reasons[pos] if pos is not None else None
+        dropped_here = (reason == own) if own is not None else np.zeros(len(values), dtype=bool)
+        cut, how = _cut(col, pos, steps, reasons, values, reason)
+        lo, hi = float(values[finite].min()), float(values[finite].max())
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 51)
+        dropped_name = f"dropped by {steps[pos]['scorer']}" if pos is not None else "dropped"
+        groups = [
+            ("kept", keep & finite, _KEPT_COLOUR),
+            (dropped_name, ~keep & finite & (dropped_here if own else True), _DROP_COLOUR),
+        ]
+        if own is not None:
+            groups.append(("dropped by another step", ~keep & finite & ~dropped_here, _OTHER_COLOUR))
+        fig, ax = _figure(6.4, 3.2)
+        bottom = np.zeros(len(bins) - 1)
+        for name, mask, colour in groups:
+            counts, _ = np.histogram(values[mask], bins=bins)
+            if counts.sum():
+                # Stacked filled steps: one artist per group (bars would be one patch per bin, slow to draw).
+                label = f"{name} ({int(mask.sum()):,})"
+                ax.stairs(bottom + counts, bins, baseline=bottom.copy(), fill=True, color=colour, label=label)
+                bottom = bottom + counts
+        if cut is not None:
+            ax.axvline(cut, color="black", linestyle="--", linewidth=1.2, label=f"cut {cut:.4g}")
+        ax.set_xlabel(col)
+        ax.set_ylabel("rows")
+        ax.set_title(col)
+        ax.legend(fontsize=7)
+        step_name = steps[pos]["scorer"] if pos is not None else None
+        note = orientation.get(step_name, "") if step_name else ""
+        text = f"<p class='note'>{_e(note)}</p>" if note else ""
+        text += f"<p class='note'>cut: {_e(how)}</p>"
+        plot = _plot(fig, f"histogram of {col}")
+        parts.append(f"<div class='hist' data-column='{_e(col)}'><h3>{_e(col)}</h3>{plot}{text}</div>")
+    return _section("histograms", "Score histograms", "".join(parts))
+
+
+def _cut(col: str, pos: int | None, steps: list[dict[str, Any]], reasons: list[str], values: np.ndarray,
+         reason: np.ndarray) -> tuple[float | None, str]:
+    """The score value separating the rows a step dropped from those that passed it, when one exists.
+
+    SemDeDup states its cut (max similarity > 1 - eps). Otherwise a cut is reported only when the rows the step
+    dropped and the rows it let through do not overlap on the score; per-class or per-cluster selections
+    (class-balanced budgets, DBP quotas) have no single threshold and say so.
+    """
+    if pos is None:
+        return None, "no step of this run selects on this column"
+    step = steps[pos]
+    if step.get("scorer") == "semdedup" and step.get("eps") is not None:
+        eps = float(step["eps"])
+        return 1.0 - eps, f"drops max similarity > 1 − ε = {1 - eps:.4g} (ε = {eps:g})"
+    own = reasons[pos]
+    later = set(reasons[pos + 1:]) - {own}
+    finite = np.isfinite(values)
+    dropped = finite & (reason == own)
+    passed = finite & (np.equal(reason, None) | np.isin(reason, list(later)))
+    if not dropped.any():
+        return None, f"{step.get('scorer')} dropped no rows"
+    if not passed.any():
+        return None, f"{step.get('scorer')} dropped every scored row"
+    d, p = values[dropped], values[passed]
+    if d.max() < p.min():
+        cut = float((d.max() + p.min()) / 2)
+        return cut, f"drops scores below {cut:.4g}"
+    if d.min() > p.max():
+        cut = float((d.min() + p.max()) / 2)
+        return cut, f"drops scores above {cut:.4g}"
+    return None, "no single threshold: the step selects within each class or cluster"
+
+
+def _dbp(info: dict[str, Any]) -> str:
+    note = next((s for s in info.get("steps") or [] if s.get("scorer") == "dbp" and s.get("quotas")), None)
+    if note is None:
+        return _section("dbp", "DBP: cluster complexity vs quota", _absent("no DBP step in this run"))
+    q = note["quotas"]
+    complexity = np.array([r["complexity"] for r in q], dtype=float)
+    quota = np.array([r["quota"] for r in q], dtype=float)
+    size = np.array([r["size"] for r in q], dtype=float)
+    fig, (ax1, ax2) = _figure(9.0, 3.4, ncols=2)
+    area = 8 + 60 * size / max(size.max(), 1)
+    ax1.scatter(complexity, quota, s=area, alpha=0.6, color="#1971c2", rasterized=len(q) > 2000)
+    ax1.set_xlabel("complexity d_inter·d_intra")
+    ax1.set_ylabel("quota (rows kept)")
+    ax1.set_title("quota vs complexity (marker area ∝ size)")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kept_frac = np.where(size > 0, quota / size, np.nan)
+    ax2.scatter(complexity, kept_frac, s=10, alpha=0.6, color="#1971c2", rasterized=len(q) > 2000)
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_xlabel("complexity d_inter·d_intra")
+    ax2.set_ylabel("quota / cluster size")
+    ax2.set_title("fraction of the cluster kept")
+    budget = int(note.get("budget", quota.sum()))
+    meta = f"<p>{len(q):,} clusters, budget {budget:,}, temperature {note.get('temperature', '?')}.</p>"
+    return _section("dbp", "DBP: cluster complexity vs quota", meta + _plot(fig, "DBP complexity vs quota"))
+
+
+def _semdedup(info: dict[str, Any], frame: pl.DataFrame) -> str:
+    note = next((s for s in info.get("steps") or [] if s.get("scorer") == "semdedup"), None)
+    if note is None:
+        return _section("semdedup", "SemDeDup: ε vs fraction kept", _absent("no SemDeDup step in this run"))
+    entering = int(note.get("entering") or 0)
+    grid = {float(k): int(v) for k, v in (note.get("kept_by_eps") or {}).items()}
+    eps = note.get("eps")
+    fig, ax = _figure(6.0, 3.2)
+    if entering and "score_semdedup" in frame.columns:
+        # The score is each row's max similarity; NaN rows (first of their cluster, or not entering) are never
+        # duplicates, so the kept count at any ε is entering − #(score > 1 − ε): a dense curve, exact.
+        sims = frame["score_semdedup"].to_numpy()
+        sims = np.sort(sims[np.isfinite(sims)].astype(np.float64))
+        hi = max([0.2, *grid.keys(), float(eps or 0) * 2])
+        dense = np.linspace(0.0, hi, 200)
+        dups = len(sims) - np.searchsorted(sims, 1.0 - dense, side="right")
+        ax.plot(dense, (entering - dups) / entering, color="#1971c2", label="from score_semdedup")
+    if entering and grid:
+        xs = sorted(grid)
+        ax.plot(xs, [grid[x] / entering for x in xs], "o", color="black", label="kept_by_eps (run.json)")
+    if eps is not None:
+        ax.axvline(float(eps), color=_DROP_COLOUR, linestyle="--", label=f"chosen ε = {float(eps):g}")
+    ax.set_xlabel("ε (duplicate when cosine similarity > 1 − ε)")
+    ax.set_ylabel("fraction of entering rows kept")
+    ax.set_title("SemDeDup ε vs fraction kept")
+    ax.legend(fontsize=7)
+    rows = [(f"{k:g}", f"{v:,}", _pct(v, entering)) for k, v in sorted(grid.items())]
+    table = _table(["ε", "kept", "fraction"], rows) if rows else ""
+    meta = f"<p>{entering:,} rows entered SemDeDup; chosen ε = {eps}.</p>"
+    return _section("semdedup", "SemDeDup: ε vs fraction kept", meta + _plot(fig, "SemDeDup eps vs fraction kept") + table)
+
+
+def _grids(frame: pl.DataFrame, thumbs: _ThumbReader, grid_size: int, seed: int) -> str:
+    if thumbs.unavailable:
+        return _section("grids", "Kept vs dropped samples", _absent(thumbs.unavailable))
+    kept = _sample(frame.filter(pl.col("keep")), grid_size, seed)
+    dropped = _sample(frame.filter(~pl.col("keep")), grid_size, seed)
+    kept_items = [_Thumb(u, loc, lab, _caption(u, lab)) for u, loc, lab in _rows(kept)]
+    dropped_items = [
+        _Thumb(u, loc, lab, _caption(u, lab, r)) for (u, loc, lab), r in zip(_rows(dropped), dropped["reason"].to_list())
+    ]
+    thumbs.prefetch(kept_items + dropped_items)
+    kept_html = "".join(thumbs.html(t) for t in kept_items) or _absent("nothing kept")
+    dropped_html = "".join(thumbs.html(t) for t in dropped_items) or _absent("nothing dropped")
+    body = (
+        f"<div class='pair-grid'><div><h3>kept (random {len(kept_items)} of {int(frame['keep'].sum()):,})</h3>"
+        f"<div class='grid kept'>{kept_html}</div></div>"
+        f"<div><h3>dropped (random {len(dropped_items)} of {int((~frame['keep']).sum()):,})</h3>"
+        f"<div class='grid dropped'>{dropped_html}</div></div></div>"
+    )
+    return _section("grids", "Kept vs dropped samples", body)
+
+
+def _duplicates(frame: pl.DataFrame, thumbs: _ThumbReader, pairs: int) -> str:
+    if "dup_of" not in frame.columns or frame["dup_of"].null_count() == frame.height:
+        return _section("duplicates", "Top duplicate pairs", _absent("no row was marked as a duplicate"))
+    if thumbs.unavailable:
+        return _section("duplicates", "Top duplicate pairs", _absent(thumbs.unavailable))
+    cols = ["uid", "location", "label"]
+    originals = frame.select([pl.col(c).alias(f"orig_{c}") for c in cols if c in frame.columns])
+    dups = frame.filter(pl.col("dup_of").is_not_null())
+    parts = []
+    kinds = [("exact_dup", "exact duplicates (same bytes)", None)]
+    sem_col = "score_semdedup" if "score_semdedup" in frame.columns else None
+    kinds.append(("semdedup", "semantic duplicates, most similar first", sem_col))
+    seen_reasons = set(dups["reason"].unique().to_list())
+    kinds += [(r, f"duplicates ({r})", None) for r in sorted(x for x in seen_reasons if x and x not in ("exact_dup", "semdedup"))]
+    for reason, title, sim_col in kinds:
+        sub = dups.filter(pl.col("reason") == reason)
+        if sub.height == 0:
+            continue
+        total = sub.height
+        # top_k/bottom_k instead of a full sort: a big run can have hundreds of thousands of duplicates.
+        if sim_col:
+            sub = sub.with_columns(pl.col(sim_col).fill_nan(None)).top_k(pairs, by=sim_col)
+            sub = sub.sort(sim_col, descending=True, nulls_last=True)
+        else:
+            sub = sub.bottom_k(pairs, by="uid").sort("uid")
+        sub = sub.join(originals, left_on="dup_of", right_on="orig_uid", how="left", maintain_order="left")
+        items = []
+        for row in sub.iter_rows(named=True):
+            value = row.get(sim_col) if sim_col else None
+            sim = f" · sim {value:.4f}" if value is not None and math.isfinite(value) else ""
+            dup_caption = _caption(row["uid"], row.get("label"), "dropped") + sim
+            dup = _Thumb(row["uid"], row.get("location"), row.get("label"), dup_caption)
+            orig_caption = _caption(row["dup_of"], row.get("orig_label"), "original")
+            orig = _Thumb(row["dup_of"], row.get("orig_location"), row.get("orig_label"), orig_caption)
+            items.append((orig, dup))
+        thumbs.prefetch([t for pair in items for t in pair])
+        rows = "".join(f"<div class='dup-pair'>{thumbs.html(o)}{thumbs.html(d)}</div>" for o, d in items)
+        parts.append(f"<h3>{_e(title)} — {len(items)} of {total:,}</h3>"
+                     f"<div class='grid pairs' data-reason='{_e(reason)}'>{rows}</div>")
+    if not parts:
+        return _section("duplicates", "Top duplicate pairs", _absent("no duplicate pairs"))
+    return _section("duplicates", "Top duplicate pairs", "".join(parts))
+
+
+def _hardest_easiest(frame: pl.DataFrame, thumbs: _ThumbReader, per_class: int, max_classes: int, column: str | None) -> str:
+    title = "Hardest and easiest per class"
+    if column is None:
+        column = next((c for c in HARDNESS_COLUMNS if c in frame.columns and frame[c].is_not_nan().any()), None)
+    if column is None:
+        why = f"no difficulty score in this run (one of {', '.join(HARDNESS_COLUMNS)})"
+        return _section("hardest-easiest", title, _absent(why))
+    if thumbs.unavailable:
+        return _section("hardest-easiest", title, _absent(thumbs.unavailable))
+    if per_class == 0:  # also: polars' group_by().head(0) yields a null row per group, not nothing
+        return _section("hardest-easiest", title, _absent("per_class = 0"))
+    sign = HARDNESS_COLUMNS.get(column, 1)
+    has_labels = "label" in frame.columns and frame["label"].null_count() < frame.height
+    wanted = [c for c in ("uid", "location", "label", "keep", "reason", column) if c in frame.columns]
+    scored = frame.select(wanted).filter(pl.col(column).is_not_null() & pl.col(column).is_finite())
+    if has_labels:
+        scored = scored.filter(pl.col("label").is_not_null())
+        classes = scored["label"].unique().sort()
+    else:
+        scored = scored.with_columns(pl.lit("all samples").alias("label"))
+        classes = pl.Series(["all samples"])
+    n_classes = len(classes)
+    classes = classes.head(max_classes)
+    scored = scored.filter(pl.col("label").is_in(classes.implode())).with_columns((pl.col(column) * sign).alias("_hard"))
+    hardest = scored.sort("_hard", descending=True).group_by("label", maintain_order=True).head(per_class)
+    easiest = scored.sort("_hard").group_by("label", maintain_order=True).head(per_class)
+
+    def items(sub: pl.DataFrame, label: str) -> list[_Thumb]:
+        sub = sub.filter(pl.col("label") == label)
+        return [
+            _Thumb(r["uid"], r.get("location"), r["label"] if has_labels else None,
+                   f"{_caption(r['uid'], None, None if r['keep'] else r['reason'])} · {r[column]:.3g}")
+            for r in sub.iter_rows(named=True)
+        ]
+
+    rows_html = []
+    per = [(str(c), items(hardest, c), items(easiest, c)) for c in classes.to_list()]
+    thumbs.prefetch([t for _, h, e in per for t in h + e])
+    for label, hard, easy in per:
+        hard_html = "".join(thumbs.html(t) for t in hard)
+        easy_html = "".join(thumbs.html(t) for t in easy)
+        rows_html.append(
+            f"<div class='class-row' data-label='{_e(label)}'><h4>{_e(label)}</h4>"
+            f"<div class='he'><span class='he-title'>hardest</span><div class='grid hardest'>{hard_html}</div></div>"
+            f"<div class='he'><span class='he-title'>easiest</span><div class='grid easiest'>{easy_html}</div></div></div>"
+        )
+    direction = "larger = harder" if sign > 0 else "smaller = harder"
+    shown = f"showing {len(per)} of {n_classes:,} classes" if has_labels else "no labels: over all samples"
+    meta = f"<p>Ranked by <code>{_e(column)}</code> ({direction}); {shown}. Captions show the drop reason if dropped.</p>"
+    return _section("hardest-easiest", title, meta + "".join(rows_html))
+
+
+# ---- thumbnails ------------------------------------------------------------------------------------------------
+
+
+class _ThumbReader:
+    """Reads, decodes and shrinks the few images a report shows, through the run's own source; caches by uid."""
+
+    def __init__(self, source_cfg: dict[str, Any] | None, px: int, workers: int = 8):
+        self.px = px
+        self.workers = workers
+        self.source = None
+        self.unavailable: str | None = None
+        self._cache: dict[str, str | None] = {}
+        if not source_cfg:
+            self.unavailable = "run.json has no source config: images cannot be read"
+        elif source_cfg.get("kind") == "precomputed":
+            self.unavailable = "the source is precomputed embeddings: there are no images to show"
+        else:
+            from pipeline.sources import source_from_config
+
+            try:
+                self.source = source_from_config(source_cfg)
+            except Exception as exc:  # moved or deleted dataset: the rest of the report is still useful
+                self.unavailable = f"the run's source cannot be opened ({exc})"
+
+    def prefetch(self, items: Sequence[_Thumb]) -> None:
+        todo = {t.uid: t for t in items if t.uid not in self._cache}
+        if not todo:
+            return
+        # Reads are I/O bound (files, tar members, object stores); decoding releases the GIL in Pillow.
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(todo))) as pool:
+            for uid, uri in zip(todo, pool.map(self._load, todo.values())):
+                self._cache[uid] = uri
+
+    def html(self, t: _Thumb) -> str:
+        if t.uid not in self._cache:
+            self._cache[t.uid] = self._load(t)
+        uri = self._cache[t.uid]
+        caption = f"<figcaption>{_e(t.caption)}</figcaption>"
+        if uri is None:
+            return f"<figure><div class='thumb missing' title='{_e(t.uid)}'>no image</div>{caption}</figure>"
+        return f"<figure><img class='thumb' src='{uri}' alt='{_e(t.uid)}' title='{_e(t.uid)}'>{caption}</figure>"
+
+    def _load(self, t: _Thumb) -> str | None:
+        if self.source is None or not t.location:
+            return None
+        from pipeline.decode import decode_image
+        from pipeline.sources import SampleRef
+
+        try:
+            data = self.source.read_bytes(SampleRef(t.uid, t.location, t.label))
+        except Exception as exc:
+            log.warning("report: cannot read %s (%s): %s", t.uid, t.location, exc)
+            return None
+        decoded = decode_image(data, max_side=max(self.px * 8, 256))
+        if decoded.image is None:
+            return None
+        return _thumb_uri(decoded.image, self.px)
+
+
+def _thumb_uri(image: Any, px: int) -> str:
+    """A data URI of the image shrunk to at most px on its longest side: PNG or JPEG, whichever is smaller."""
+    from PIL import Image
+
+    im = image.copy()
+    im.thumbnail((px, px), Image.Resampling.LANCZOS)
+    best: tuple[int, str, bytes] | None = None
+    for fmt, mime, kwargs in (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 82})):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kwargs)
+        data = buf.getvalue()
+        if best is None or len(data) < best[0]:
+            best = (len(data), mime, data)
+    assert best is not None
+    return f"data:{best[1]};base64,{base64.b64encode(best[2]).decode('ascii')}"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _score_columns(frame: pl.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith(SCORE_PREFIX)]
+
+
+def _step_reasons(steps: list[dict[str, Any]]) -> list[str]:
+    """The manifest reason each step's drops carry, from the step registry (the scorer name if unregistered)."""
+    try:
+        from pipeline.steps import STEPS
+    except Exception:  # the report must still render where optional scoring deps (faiss) are missing
+        STEPS = {}
+    return [STEPS[s["scorer"]].reason if s.get("scorer") in STEPS else str(s.get("scorer")) for s in steps]
+
+
+def _step_for_column(col: str, steps: list[dict[str, Any]]) -> int | None:
+    """Index of the step that wrote score column `col` (score_<scorer> or score_<scorer>_<detail>)."""
+    best: tuple[int, int] | None = None
+    for i, s in enumerate(steps):
+        name = f"{SCORE_PREFIX}{s.get('scorer')}"
+        if col == name or col.startswith(name + "_"):
+            if best is None or len(name) > best[0]:
+                best = (len(name), i)
+    return None if best is None else best[1]
+
+
+def _sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    if frame.height <= n:
+        return frame
+    return frame.sample(n=n, seed=seed).sort("uid")
+
+
+def _rows(frame: pl.DataFrame) -> list[tuple[str, str | None, str | None]]:
+    loc = frame["location"].to_list() if "location" in frame.columns else [None] * frame.height
+    lab = frame["label"].to_list() if "label" in frame.columns else [None] * frame.height
+    return list(zip(frame["uid"].to_list(), loc, lab))
+
+
+def _caption(uid: str, label: str | None, reason: str | None = None) -> str:
+    parts = [uid if len(uid) <= 28 else "…" + uid[-27:]]
+    if label is not None:
+        parts.append(f"[{label}]")
+    if reason:
+        parts.append(reason)
+    return " ".join(parts)
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    # Figure without pyplot: no global state, safe to build from any thread, never opens a window.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _plot(fig: Any, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<img class='plot' alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], header: bool = True) -> str:
+    th = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table>{th}<tbody>{body}</tbody></table>"
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f"<section id='{sid}'><h2>{_e(title)}</h2>{body}</section>"
+
+
+def _absent(why: str) -> str:
+    return f"<p class='absent'>Not available: {_e(why)}.</p>"
+
+
+def _knobs(knobs: Any) -> str:
+    if not knobs:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in knobs.items()) if isinstance(knobs, dict) else str(knobs)
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{part / whole:.1%}" if whole else "–"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;color:#212529;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #dee2e6;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1.05em;margin:.9em 0 .4em}
+table{border-collapse:collapse;margin:.4em 0;font-size:.85em}td,th{border:1px solid #dee2e6;padding:.2em .6em;text-align:left}
+th{background:#f1f3f5}pre{background:#f8f9fa;padding:.6em;font-size:.8em;overflow:auto}
+img.plot{max-width:100%;height:auto;display:block;margin:.4em 0}
+.grid{display:flex;flex-wrap:wrap;gap:6px}.pair-grid{display:grid;grid-template-columns:1fr 1fr;gap:1.5em}
+figure{margin:0;width:96px;font-size:.62em;text-align:center;overflow-wrap:anywhere}
+img.thumb,.thumb.missing{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#f1f3f5;display:block}
+.thumb.missing{display:flex;align-items:center;justify-content:center;color:#868e96}
+.dup-pair{display:flex;gap:2px;padding:4px;border:1px solid #dee2e6;border-radius:4px}
+.class-row{border-top:1px solid #e9ecef;padding:.3em 0}.class-row h4{margin:.2em 0}
+.he{display:flex;gap:.6em;align-items:flex-start;margin:.2em 0}.he-title{width:5em;font-size:.8em;color:#495057}
+.grid.kept img{outline:2px solid #2b8a3e}.grid.dropped img{outline:2px solid #c92a2a}
+.absent{color:#868e96;font-style:italic}.note{font-size:.85em;color:#495057;margin:.2em 0}
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{css}</style>
+</head>
+<body>
+<h1>{title}</h1>
+{body}
+</body>
+</html>
+"""

@@ -1,0 +1,328 @@
+"""The HTML run report, built from real small runs: real digit scans, the real stages, the pixels embedder."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from pipeline import stages
+from pipeline.config import CurateConfig
+from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
+from pipeline.report import _cut, write_report
+from pipeline.store import EmbeddingStore
+
+SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "grids", "duplicates",
+            "hardest-easiest"]
+N_DIGITS = 240
+EXACT_COPIES = 4
+
+
+def _run(cfg_dict: dict) -> Path:
+    """The curate stages in flows/curate.py's order, without the Prefect engine (seconds, not a server start)."""
+    cfg = CurateConfig.model_validate(cfg_dict)
+    stats = stages.RunStats()
+    plan = stages.plan_ingest(cfg)
+    embedder = stages.make_embedder(cfg, plan, EmbeddingStore(cfg.store_path))
+    store = stages.init_store(cfg, plan, embedder, embedder.dim)
+    for shard in range(len(plan.shards)):
+        stages.embed_shard(cfg, plan, embedder, store, shard)
+    meta = store.all_meta()
+    stats.counts["store_status"] = {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}
+    emb, ok_meta = store.load()
+    kmeans = stages.fit_index(cfg, store, emb)
+    frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans)
+    write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats))
+    return cfg.run_dir
+
+
+def _write_digits(folder: Path, *, with_classes: bool) -> None:
+    """Real 8×8 digit scans (scikit-learn's bundled set) as 32×32 PNGs, plus exact copies and one truncated file."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in range(N_DIGITS):
+        label = int(digits.target[i])
+        path = folder / str(label) / f"{i:04d}.png" if with_classes else folder / f"{label}_{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8), mode="L").resize((32, 32), Image.NEAREST)
+        img.save(path)
+        paths.append(path)
+    for j, src in enumerate(paths[:EXACT_COPIES]):
+        shutil.copyfile(src, src.with_name(f"zcopy{j}_{src.name}"))
+    data = paths[-1].read_bytes()
+    paths[-1].with_name(f"ztruncated_{paths[-1].name}").write_bytes(data[: len(data) // 3])
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report_labelled")
+    _write_digits(root / "digits", with_classes=True)
+    return _run({
+        "name": "labelled",
+        "source": {"kind": "image_folder", "root": str(root / "digits")},
+        "embed": {"kind": "pixels", "shard_size": 100, "num_workers": 0, "pixels": {"size": 16, "grey": True, "dim": 24}},
+        "index": {"k": 8},
+        "steps": [
+            {"scorer": "exact_dup"},
+            {"scorer": "semdedup", "eps": 0.05, "eps_grid": [0.01, 0.02, 0.05, 0.1]},
+            {"scorer": "dbp", "keep_fraction": 0.5},
+            {"scorer": "prototype"},
+        ],
+        "output_root": str(root / "runs"),
+    })
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report_unlabelled")
+    _write_digits(root / "flat", with_classes=False)
+    return _run({
+        "name": "unlabelled",
+        "source": {"kind": "image_folder", "root": str(root / "flat")},
+        "embed": {"kind": "pixels", "shard_size": 200, "num_workers": 0, "pixels": {"size": 16, "grey": True, "dim": 24}},
+        "index": {"k": 6},
+        "steps": [{"scorer": "exact_dup"}, {"scorer": "random", "keep_fraction": 0.6}],
+        "output_root": str(root / "runs"),
+    })
+
+
+class _Page(HTMLParser):
+    """Collects sections, images (with the section they sit in), attributes that reference anything, and text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict] = {}
+        self.current: str | None = None
+        self.tags: list[str] = []
+        self.references: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append(tag)
+        for name in ("src", "href", "srcset", "action", "data", "poster"):
+            if a.get(name):
+                self.references.append(a[name])
+        if tag == "section":
+            self.current = a["id"]
+            self.sections[self.current] = {"plots": [], "thumbs": [], "missing": 0, "absent": [], "text": [], "classes": []}
+        elif self.current is not None:
+            sec = self.sections[self.current]
+            cls = (a.get("class") or "").split()
+            sec["classes"] += cls
+            if tag == "img" and "plot" in cls:
+                sec["plots"].append(a)
+            elif tag == "img" and "thumb" in cls:
+                sec["thumbs"].append(a)
+            elif "missing" in cls:
+                sec["missing"] += 1
+            if "absent" in cls:
+                sec["absent"].append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section":
+            self.current = None
+
+    def handle_data(self, data: str) -> None:
+        if self.current is not None:
+            self.sections[self.current]["text"].append(data)
+
+
+def _parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _decode_data_uri(uri: str) -> Image.Image:
+    m = re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", uri)
+    assert m, uri[:60]
+    im = Image.open(io.BytesIO(base64.b64decode(m.group(2))))
+    im.load()
+    return im
+
+
+def _text(page: _Page, section: str) -> str:
+    return " ".join(page.sections[section]["text"])
+
+
+def test_full_report_has_every_section_with_plots_and_thumbnails(labelled_run: Path) -> None:
+    out = write_report(labelled_run, grid_size=10, pairs=3, per_class=2, max_classes=4, thumb_px=48)
+    assert out == labelled_run / "report.html"
+    page = _parse(out)
+    assert list(page.sections) == SECTIONS
+    for sid in SECTIONS:
+        assert not page.sections[sid]["absent"], f"section {sid} says its data is absent"
+
+    frame = read_manifest(labelled_run)
+    info = read_run_info(labelled_run)
+    scores = [c for c in frame.columns if c.startswith("score_")]
+    assert sorted(scores) == ["score_dbp_cluster_complexity", "score_prototype", "score_semdedup"]
+    sec = page.sections
+    assert len(sec["histograms"]["plots"]) == len(scores)
+    for sid in ("counts", "kept-by-class", "kept-by-cluster", "dbp", "semdedup"):
+        assert len(sec[sid]["plots"]) == 1, sid
+    # every plot is a real PNG of a reasonable size
+    for s in sec.values():
+        for img in s["plots"]:
+            im = _decode_data_uri(img["src"])
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 150
+
+    # grids: 10 kept + 10 dropped, every thumbnail a decodable small image
+    assert len(sec["grids"]["thumbs"]) == 20 and sec["grids"]["missing"] == 0
+    # duplicates: exact_dup gave EXACT_COPIES pairs (3 shown); semdedup's pairs (up to 3) — 2 thumbs per pair
+    exact = frame.filter(pl.col("reason") == "exact_dup")
+    semdup = frame.filter(pl.col("reason") == "semdedup")
+    assert exact.height == EXACT_COPIES and semdup.height > 0
+    assert len(sec["duplicates"]["thumbs"]) == 2 * (min(3, exact.height) + min(3, semdup.height))
+    # hardest/easiest: 4 classes × (2 hardest + 2 easiest)
+    assert len(sec["hardest-easiest"]["thumbs"]) == 4 * 4
+    for s in sec.values():
+        for img in s["thumbs"]:
+            im = _decode_data_uri(img["src"])
+            assert max(im.size) <= 48 and im.width > 0
+
+    # self-contained: no script, no stylesheet link, every reference is an inline data URI
+    assert "script" not in page.tags and "link" not in page.tags
+    assert page.references and all(r.startswith("data:image/") for r in page.references)
+    assert not re.search(r"(src|href)\s*=\s*['\"]?\s*(https?:|//)", out.read_text())
+
+    # numbers in the page agree with the manifest
+    assert f"{frame.height:,}" in _text(page, "summary")
+    for reason, count in frame.group_by("reason").len().iter_rows():
+        assert re.search(rf"{reason or 'kept'}\s+{count:,}\b", _text(page, "counts")), (reason, count)
+    per_class = frame.filter(pl.col("label").is_not_null()).group_by("label").agg(pl.len(), pl.col("keep").sum())
+    for label, n, kept in per_class.iter_rows():
+        assert re.search(rf"\b{label}\s+{n}\s+{kept}\s+{kept / n:.1%}", _text(page, "kept-by-class")), (label, n, kept)
+    # the SemDeDup cut is marked at 1 - eps
+    eps = next(s for s in info["steps"] if s["scorer"] == "semdedup")["eps"]
+    assert f"1 − ε = {1 - eps:.4g}" in _text(page, "histograms")
+
+
+def test_duplicate_pairs_are_the_most_similar_first(labelled_run: Path, tmp_path: Path) -> None:
+    out = write_report(labelled_run, tmp_path / "r2.html", pairs=2, grid_size=0, per_class=0)
+    page = _parse(out)
+    frame = read_manifest(labelled_run)
+    top = frame.filter(pl.col("reason") == "semdedup").sort("score_semdedup", descending=True).head(2)
+    shown = [img["title"] for img in page.sections["duplicates"]["thumbs"]]
+    # exact pairs first (sorted by uid), then semantic pairs as (original, duplicate), most similar first
+    exact = frame.filter(pl.col("reason") == "exact_dup").sort("uid").head(2)
+    expected = [u for d, o in zip(exact["uid"], exact["dup_of"]) for u in (o, d)]
+    expected += [u for d, o in zip(top["uid"], top["dup_of"]) for u in (o, d)]
+    assert shown == expected
+    # bad_input row (the truncated file) is in the manifest and counted
+    assert frame.filter(pl.col("reason") == "bad_input").height == 1
+    assert "bad_input" in _text(page, "counts")
+
+
+def test_unlabelled_run_degrades_and_marks_a_hard_cut(unlabelled_run: Path) -> None:
+    page = _parse(write_report(unlabelled_run, grid_size=6))
+    sec = page.sections
+    assert list(sec) == SECTIONS
+    for sid in ("kept-by-class", "dbp", "semdedup", "hardest-easiest"):
+        assert sec[sid]["absent"] and not sec[sid]["plots"] and not sec[sid]["thumbs"], sid
+    assert "no labels" in _text(page, "kept-by-class")
+    assert len(sec["grids"]["thumbs"]) == 12
+    assert len(sec["duplicates"]["thumbs"]) == 2 * EXACT_COPIES
+    # random keep_fraction without labels is one global threshold: the histogram marks it, between the groups
+    frame = read_manifest(unlabelled_run)
+    m = re.search(r"drops scores below ([0-9.]+)", _text(page, "histograms"))
+    assert m, _text(page, "histograms")
+    cut = float(m.group(1))
+    dropped = frame.filter(pl.col("reason") == "random")["score_random"]
+    kept = frame.filter(pl.col("keep"))["score_random"]
+    assert dropped.max() < cut < kept.min()
+
+
+def test_source_gone_or_precomputed_leaves_the_statistics(labelled_run: Path, tmp_path: Path) -> None:
+    frame = read_manifest(labelled_run)
+    info = read_run_info(labelled_run)
+    for source, why in (({"kind": "image_folder", "root": str(tmp_path / "moved")}, "cannot be opened"),
+                        ({"kind": "precomputed", "emb_paths": "x", "meta_paths": "y"}, "precomputed")):
+        run = tmp_path / source["kind"]
+        write_manifest(frame, run, {**info, "config": {**info["config"], "source": source}})
+        page = _parse(write_report(run))
+        for sid in ("grids", "duplicates", "hardest-easiest"):
+            assert page.sections[sid]["absent"] and why in _text(page, sid), sid
+        assert len(page.sections["histograms"]["plots"]) == 3
+        assert sum(len(s["thumbs"]) for s in page.sections.values()) == 0
+
+
+def test_unreadable_image_becomes_a_placeholder(labelled_run: Path, tmp_path: Path) -> None:
+    info = read_run_info(labelled_run)
+    src_root = Path(info["config"]["source"]["root"])
+    copy = tmp_path / "digits"
+    shutil.copytree(src_root, copy)
+    frame = read_manifest(labelled_run)
+    kept = frame.filter(pl.col("keep")).sort("uid")
+    (copy / kept["uid"][0]).unlink()
+    run = tmp_path / "run"
+    write_manifest(frame, run, {**info, "config": {**info["config"], "source": {"kind": "image_folder", "root": str(copy)}}})
+    page = _parse(write_report(run, grid_size=kept.height, per_class=0, pairs=0))
+    assert page.sections["grids"]["missing"] == 1
+    assert len(page.sections["grids"]["thumbs"]) == kept.height - 1 + min(kept.height, frame.height - kept.height)
+
+
+def test_large_manifest_reads_only_the_shown_images(labelled_run: Path, tmp_path: Path) -> None:
+    """50× the rows (same images under new uids): page size and thumbnail count stay bounded by the knobs."""
+    frame = read_manifest(labelled_run)
+    info = read_run_info(labelled_run)
+    big = pl.concat([
+        frame.with_columns((pl.col("uid") + f"#{i}").alias("uid"), (pl.col("dup_of") + f"#{i}").alias("dup_of"))
+        for i in range(50)
+    ])
+    run = tmp_path / "big"
+    write_manifest(big, run, info)
+    small_page = write_report(labelled_run, tmp_path / "small.html")
+    out = write_report(run)
+    page = _parse(out)
+    n_thumbs = sum(len(s["thumbs"]) + s["missing"] for s in page.sections.values())
+    n_classes = frame["label"].drop_nulls().n_unique()
+    # defaults: 24 kept + 24 dropped, 8 exact + 8 semantic pairs, 6 hardest + 6 easiest for each of the 10 classes
+    assert n_thumbs == 2 * 24 + 2 * (8 + 8) + 2 * 6 * n_classes
+    assert out.stat().st_size < 3 * small_page.stat().st_size
+    assert f"{big.height:,}" in _text(page, "summary")
+
+
+def test_cut_rules() -> None:
+    steps = [{"scorer": "random"}, {"scorer": "prototype"}]
+    reasons = ["random", "prototype"]
+    values = np.array([0.1, 0.2, 0.8, 0.9, np.nan, 0.5], dtype=np.float32)
+    reason = np.array(["random", "random", None, "prototype", "bad_input", None], dtype=object)
+    cut, how = _cut("score_random", 0, steps, reasons, values, reason)
+    assert cut == pytest.approx((0.2 + 0.5) / 2) and "below" in how
+    reason_above = np.array([None, None, "random", "random", "bad_input", None], dtype=object)
+    cut, how = _cut("score_random", 0, steps, reasons, values, reason_above)
+    assert cut == pytest.approx((0.8 + 0.5) / 2) and "above" in how
+    overlapping = np.array(["random", None, "random", None, None, None], dtype=object)
+    assert _cut("score_random", 0, steps, reasons, values, overlapping)[0] is None
+    assert _cut("score_x", None, steps, reasons, values, reason)[0] is None
+
+
+def test_bad_input_is_a_clear_error(labelled_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        write_report(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="run.json"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(ValueError, match="grid_size"):
+        write_report(labelled_run, grid_size=-1)
+    with pytest.raises(ValueError, match="hardness_column 'score_nope'"):
+        write_report(labelled_run, hardness_column="score_nope")
+    # a damaged manifest is not silently reported on
+    bad = tmp_path / "bad"
+    shutil.copytree(labelled_run, bad, ignore=shutil.ignore_patterns("store", "*.html"))
+    (bad / "manifest.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ManifestError):
+        write_report(bad)
+    assert not (bad / "report.html").exists()
+    json.loads((labelled_run / "run.json").read_text())  # the source run is untouched
