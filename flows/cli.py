@@ -1,4 +1,4 @@
-"""`winnow` command line: run, deploy, demo, validate, summary."""
+"""`winnow` command line: run, deploy, demo, report, validate, summary."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
     lines.append("  steps:")
     for note in info["steps"]:
         lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
-    lines.append("  by reason: " + ", ".join(f"{'kept' if k == 'None' else k}={v}" for k, v in counts["by_reason"].items()))
+    lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
     lines.append(f"  manifest: {manifest_path}")
     lines.append(f"  query it: python -c \"import polars as pl; print(pl.read_parquet('{manifest_path}').group_by('reason').len())\"")
@@ -60,6 +60,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     run_demo(Path(args.out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(f"report written: {write_report(args.run_dir, args.out)}")
     return 0
 
 
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="curate scikit-learn's bundled digits (1,797 real images) with the pixels embedder")
     demo.add_argument("--out", default="demo_data", help="where to write the images, the store and the manifest")
     demo.set_defaults(fn=cmd_demo)
+
+    report = sub.add_parser("report", help="write a run's self-contained HTML report (opens nothing)")
+    report.add_argument("run_dir", help="the run directory (holds manifest.parquet and run.json)")
+    report.add_argument("--out", default=None, help="where to write it (default: RUN_DIR/report.html)")
+    report.set_defaults(fn=cmd_report)
 
     validate = sub.add_parser("validate", help="check a manifest file against the schema")
     validate.add_argument("manifest", help="manifest.parquet or its run directory")

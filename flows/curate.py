@@ -88,6 +88,37 @@ def manifest(cfg: CurateConfig, store: EmbeddingStore, frame, notes, stats: stag
     return path
 
 
+@stage_task
+def report(cfg: CurateConfig, info: dict[str, Any]) -> Path | None:
+    """Writes report.html beside the manifest and a Prefect artifact (summary + link) for the UI.
+
+    The manifest is already complete at this point: a failing report is logged, never fatal.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline.report import write_report
+
+    logger = get_run_logger()
+    try:
+        path = write_report(cfg.run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's result must not depend on its report
+        logger.warning("report: not written (%s: %s); the manifest is complete", type(exc).__name__, exc)
+        return None
+    counts = info["counts"]
+    rows = "\n".join(f"| {reason} | {n} |" for reason, n in counts["by_reason"].items())
+    create_markdown_artifact(
+        key=f"winnow-{cfg.name}".lower().replace("_", "-"),
+        markdown=(
+            f"# winnow run `{cfg.name}`\n\n{counts['kept']} of {counts['samples']} samples kept.\n\n"
+            f"| reason | rows |\n|---|---|\n{rows}\n\n"
+            f"Report: [{path}](file://{path.resolve()})  \nManifest: `{cfg.run_dir.resolve() / 'manifest.parquet'}`\n"
+        ),
+        description=f"winnow curate summary for {cfg.name}",
+    )
+    logger.info("report: %s", path)
+    return path
+
+
 @flow(name="curate", log_prints=True)
 def curate(config: dict[str, Any]) -> dict[str, Any]:
     """Embeds a dataset, clusters it, runs the configured scorers and writes a Parquet manifest.
@@ -118,7 +149,10 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         path = manifest(cfg, store, frame, notes, stats)
     from pipeline.manifest import read_run_info
 
-    return read_run_info(path.parent)
+    info = read_run_info(path.parent)
+    if cfg.report:
+        report(cfg, info)
+    return info
 
 
 def _status_counts(store: EmbeddingStore) -> dict[str, int]:

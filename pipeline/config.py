@@ -80,6 +80,7 @@ class CurateConfig(Strict):
     store_dir: Path | None = None  # default: <output_root>/<name>/store
     output_root: Path = Path("manifests/runs")
     seed: int = 0
+    report: bool = True  # write report.html and a Prefect artifact at the end of the run
 
     @field_validator("name")
     @classmethod

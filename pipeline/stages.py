@@ -248,7 +248,7 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, n
         "counts": {
             "samples": manifest.height,
             "kept": int(manifest["keep"].sum()),
-            "by_reason": {str(r): int(c) for r, c in reasons.iter_rows()},
+            "by_reason": {"kept" if r is None else str(r): int(c) for r, c in reasons.iter_rows()},
             **stats.counts,
         },
         "steps": notes,

@@ -76,6 +76,14 @@ def test_every_bad_input_is_recorded_and_the_run_finishes(prefect_server, awkwar
     assert dup["uid"].to_list() == ["good/copy_of_00.png"] and dup["dup_of"].to_list() == ["good/00.png"]
     assert info["counts"]["store_status"] == {"corrupt": 1, "empty": 1, "not_image": 1, "ok": 36}
     assert info["counts"]["by_reason"]["bad_input"] == 3
+    # the report and the Prefect artifact that points to it
+    assert (tmp_path / "runs" / "awkward" / "report.html").exists()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["winnow-awkward"])))
+    assert artifacts and "report.html" in artifacts[0].data and "bad_input | 3" in artifacts[0].data
 
 
 def test_duplicate_uids_stop_the_run_before_any_work(prefect_server, tmp_path):

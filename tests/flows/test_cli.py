@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_command_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "deploy", "demo", "validate", "summary"}
+    assert set(sub.choices) == {"run", "deploy", "demo", "report", "validate", "summary"}
     for name, command in sub.choices.items():
         assert command.format_help().strip(), name
         assert sub._choices_actions and any(a.dest == name and a.help for a in sub._choices_actions)
@@ -67,6 +67,8 @@ def test_demo_end_to_end_and_a_training_loop_over_its_manifest(prefect_server, t
     assert manifest["keep"].sum() == round(0.5 * manifest.filter(pl.col("reason").ne_missing("bad_input")).height)
     assert main(["validate", str(run_dir)]) == 0
     assert main(["summary", str(run_dir)]) == 0
+    assert (run_dir / "report.html").stat().st_size > 10_000  # the flow wrote its report
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0 and (tmp_path / "r.html").exists()
 
     # the README's training loop: kept samples, weights, a few steps of a real model
     to_tensor = lambda im: torch.from_numpy(__import__("numpy").asarray(im.convert("L"), dtype="float32") / 255.0)[None]
