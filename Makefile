@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 OFFLINE_ENV := HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 
-.PHONY: install test demo clean
+.PHONY: install test demo browser clean
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE_ENV) $(VENV)/bin/winnow demo --out demo_data
+
+# Debian's chromium for the report's headless-browser test; best effort: without it that one test skips.
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) \
+		|| echo "chromium could not be installed; the report browser test will skip"
 
 clean:
 	rm -rf demo_data .pytest_cache
