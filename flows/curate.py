@@ -75,9 +75,16 @@ def index(cfg: CurateConfig, store: EmbeddingStore):
     return emb, ok_meta, kmeans
 
 
+@io_task
+def embed_targets(cfg: CurateConfig, embedder: Any) -> dict:
+    targets = stages.embed_targets(cfg, embedder)
+    get_run_logger().info("targets: %s", {k[:60]: len(v) for k, v in targets.items()})
+    return targets
+
+
 @stage_task
-def score(cfg: CurateConfig, store: EmbeddingStore, emb, ok_meta, kmeans):
-    return stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans)
+def score(cfg: CurateConfig, store: EmbeddingStore, emb, ok_meta, kmeans, targets):
+    return stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets)
 
 
 @stage_task
@@ -132,6 +139,7 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         plan = ingest(cfg)
     with _timed(stats, "embed"):
         if cfg.source.kind == "precomputed":
+            embedder = None
             store = ingest_precomputed(cfg, plan)
         else:
             embedder, store = prepare_embedder(cfg, plan)
@@ -143,8 +151,12 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     stats.counts["store_status"] = _status_counts(store)
     with _timed(stats, "index"):
         emb, ok_meta, kmeans = index(cfg, store)
+    targets = {}
+    if any("target" in s.knobs() for s in cfg.steps):
+        with _timed(stats, "embed_targets"):
+            targets = embed_targets(cfg, embedder)
     with _timed(stats, "score"):
-        frame, notes = score(cfg, store, emb, ok_meta, kmeans)
+        frame, notes = score(cfg, store, emb, ok_meta, kmeans, targets)
     with _timed(stats, "manifest"):
         path = manifest(cfg, store, frame, notes, stats)
     from pipeline.manifest import read_run_info

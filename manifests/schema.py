@@ -47,6 +47,7 @@ REASONS = (
     "grand",
     "aum",
     "random",
+    "ot",  # not chosen by optimal-transport targeted selection
     "select",  # cut by a selection rule on a combined score
     "synthetic",  # rows of a distilled set
 )

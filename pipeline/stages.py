@@ -160,6 +160,43 @@ def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan) -> EmbeddingStore:
     return store
 
 
+def target_key(target: dict[str, Any]) -> str:
+    """How a step's `target` source is named in ScoringContext.targets."""
+    import json
+
+    return json.dumps(target, sort_keys=True, default=str)
+
+
+def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
+    """Embeds every step's `target` source with the run's own embedder (same model, same fitted PCA).
+
+    Each target gets a store of its own under <run_dir>/targets/<n>/, resumable like the main one. With a
+    precomputed main store the target must be precomputed embeddings of the same dimension.
+    """
+    from pipeline.config import SourceConfig
+
+    targets: dict[str, np.ndarray] = {}
+    for number, step in enumerate(s for s in cfg.steps if "target" in s.knobs()):
+        spec = step.knobs()["target"]
+        if not isinstance(spec, dict):
+            raise ValueError(f"step {step.scorer}: target must be a source mapping such as {{kind: image_folder, root: ...}}")
+        sub = cfg.model_copy(update={"source": SourceConfig.model_validate(spec), "store_dir": cfg.run_dir / "targets" / str(number) / "store"})
+        plan = plan_ingest(sub)
+        if sub.source.kind == "precomputed":
+            store = ingest_precomputed(sub, plan)
+        else:
+            if embedder is None:
+                raise ValueError("an image target needs an image embedder; with precomputed embeddings give a precomputed target")
+            store = init_store(sub, plan, embedder, embedder.dim)
+            for shard in range(len(plan.shards)):
+                embed_shard(sub, plan, embedder, store, shard)
+        emb, _ = store.load()
+        if len(emb) == 0:
+            raise ValueError(f"target {spec} has no usable samples")
+        targets[target_key(spec)] = emb
+    return targets
+
+
 def fit_index(cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray) -> KMeansResult:
     """Spherical k-means over the store, cached under <store>/index keyed by store fingerprint and params."""
     params = KMeansParams(
@@ -182,7 +219,12 @@ def fit_index(cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray) -> KMea
 
 
 def score_and_assemble(
-    cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray, ok_meta: pl.DataFrame, kmeans: KMeansResult
+    cfg: CurateConfig,
+    store: EmbeddingStore,
+    emb: np.ndarray,
+    ok_meta: pl.DataFrame,
+    kmeans: KMeansResult,
+    targets: dict[str, np.ndarray] | None = None,
 ) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Runs the configured steps and assembles manifest rows for every sample, unusable ones included."""
     uids = ok_meta["uid"].to_numpy().astype(object)
@@ -197,6 +239,7 @@ def score_and_assemble(
         n_scorable=len(uids),
         seed=cfg.seed,
         device=cfg.embed.device,
+        targets=targets or {},
     )
     columns, notes = run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])
     return _assemble(store, ok_meta, kmeans, columns), notes
@@ -205,12 +248,13 @@ def score_and_assemble(
 def _assemble(store: EmbeddingStore, ok_meta: pl.DataFrame, kmeans: KMeansResult, columns: dict[str, Any]) -> pl.DataFrame:
     reason = columns.pop("reason")
     dup_idx = columns.pop("dup_of")
+    weight = columns.pop("weight")
     uids = ok_meta["uid"].to_numpy().astype(object)
     dup_uid = np.where(dup_idx >= 0, uids[np.maximum(dup_idx, 0)], None)
     keep = np.array([r is None for r in reason])
     scored = ok_meta.select("uid", "label", "location", "caption", "status").with_columns(
         pl.Series("keep", keep),
-        pl.Series("weight", keep.astype(np.float32)),
+        pl.Series("weight", weight),
         pl.Series("cluster", kmeans.assignment.astype(np.int32)),
         pl.Series("reason", reason.tolist(), dtype=pl.String),
         pl.Series("dup_of", dup_uid.tolist(), dtype=pl.String),

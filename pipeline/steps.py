@@ -30,6 +30,7 @@ class ScoringContext:
     n_scorable: int
     seed: int = 0
     device: str = "auto"
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # embedded target sets, by stages.target_key
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StepOutput:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # column name → n float values (NaN where unscored)
     drop: np.ndarray | None = None  # n bool, rows this step removes (a subset of ctx.alive)
     dup_of: np.ndarray | None = None  # n int64 row index of the kept original, -1 if none
+    weights: np.ndarray | None = None  # n training weights (a reweighting step); renormalised over the final kept rows
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -306,6 +308,62 @@ def step_aum(
     return out
 
 
+def step_coreset_weight(
+    ctx: ScoringContext, *, coreset_fraction: float = 0.05, k: int = 1, same_class: bool = False, seed: int | None = None
+) -> StepOutput:
+    """Coreset reweighting, "The Power of Few" (Jafari et al. ICASSP 2024), over the rows still alive.
+
+    Per-class Moderate coreset → Meta-Weight-Net on it (with a held-out meta split) → every row takes the weight
+    of its nearest coreset row (k > 1: distance-weighted average). Drops nothing; fills the manifest's `weight`
+    (mean 1 over kept rows; train with Σwℓ/Σw or the weighted sampler). score_coreset_weight: higher = counts more.
+    """
+    from scorers.reweight import coreset_reweight
+
+    labels = _labels_or_error(ctx, "coreset_weight")
+    result = coreset_reweight(ctx.emb, labels, coreset_fraction=coreset_fraction, keep=ctx.alive.copy(), k=k,
+                              same_class=same_class, seed=ctx.seed if seed is None else seed, device=ctx.device)
+    score = np.where(ctx.alive, result.weights, np.nan).astype(np.float32)
+    return StepOutput(scores={"score_coreset_weight": score}, weights=result.weights, info=result.info)
+
+
+def step_ot_target(
+    ctx: ScoringContext,
+    *,
+    target: dict[str, Any],
+    keep_fraction: float | None = None,
+    estimate_ratio: bool = False,
+    eps: float = 0.05,
+    whiten: bool = True,
+) -> StepOutput:
+    """Targeted selection by optimal transport (TAROT, vita-epfl; per-sample values as in LAVA / GOT-D).
+
+    Whitened features; entropic OT between a pool sample and the embedded `target` set (POT) gives the target
+    potential g; every alive row's score is minus its c-transform (streamed in chunks, never N×|T|), so
+    score_ot: higher = closer to the target domain. Keeps the top `keep_fraction` of all rows, or with
+    `estimate_ratio` the share that minimises the OT distance to held-out target folds (the ratio goes to run.json).
+    """
+    from pipeline.stages import target_key
+    from scorers.ot_select import estimate_selection_ratio, ot_scores
+
+    if (keep_fraction is None) == (not estimate_ratio):
+        raise ValueError("ot_target needs exactly one of keep_fraction or estimate_ratio: true")
+    target_emb = ctx.targets.get(target_key(target))
+    if target_emb is None:
+        raise ValueError(f"target {target} was not embedded before scoring")
+    rows = np.flatnonzero(ctx.alive)
+    result = ot_scores(ctx.emb[rows], target_emb, eps=eps, whiten=whiten, seed=ctx.seed, device=ctx.device)
+    n = len(ctx.uids)
+    scores = _scatter(n, rows, result.score)
+    info: dict[str, Any] = {"eps": eps, "whiten": whiten, "target_rows": len(target_emb), **result.info}
+    if estimate_ratio:
+        estimate = estimate_selection_ratio(ctx.emb[rows], target_emb, result.score, eps=eps, whiten=whiten,
+                                            seed=ctx.seed, device=ctx.device)
+        info.update(estimated_ratio=estimate.ratio, ratio_curve=dict(zip(map(str, estimate.ratios), estimate.distance)))
+        keep_fraction = max(1, int(np.ceil(estimate.ratio * len(rows)))) / ctx.n_scorable
+    drop, note = select_among_alive(ctx, scores, keep_fraction, rule="hard", class_balanced=False)
+    return StepOutput(scores={"score_ot": scores}, drop=drop, info={**info, **note})
+
+
 STEPS: dict[str, StepSpec] = {
     "exact_dup": StepSpec(step_exact_dup, "exact_dup", frozenset(), "drops byte-identical copies; keeps the smallest uid"),
     "random": StepSpec(
@@ -344,6 +402,18 @@ STEPS: dict[str, StepSpec] = {
         frozenset({"keep_fraction", "head", "n_seeds", "n_folds", "epochs", "seed"}),
         "score_aum: area under the margin; low = likely mislabeled; keeps the highest",
     ),
+    "coreset_weight": StepSpec(
+        step_coreset_weight,
+        "select",  # drops nothing
+        frozenset({"coreset_fraction", "k", "same_class", "seed"}),
+        "score_coreset_weight: propagated Meta-Weight-Net weight, mean 1 over kept rows; higher = counts more",
+    ),
+    "ot_target": StepSpec(
+        step_ot_target,
+        "ot",
+        frozenset({"target", "keep_fraction", "estimate_ratio", "eps", "whiten"}),
+        "score_ot: minus the c-transform of the target's OT potential; higher = closer to the target domain",
+    ),
 }
 
 
@@ -369,11 +439,13 @@ def check_steps(steps: list[tuple[str, dict[str, Any]]]) -> None:
 def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Applies steps in order. Returns the manifest columns for scored rows and one note per step.
 
-    Columns: reason (None where kept), dup_of (row index or -1) and every score column.
+    Columns: reason (None where kept), dup_of (row index or -1), weight (mean 1 over the kept rows, 0 elsewhere;
+    from the last reweighting step, else uniform) and every score column.
     """
     n = len(ctx.uids)
     reason = np.full(n, None, dtype=object)
     dup_of = np.full(n, -1, dtype=np.int64)
+    weights = np.ones(n, dtype=np.float64)
     scores: dict[str, np.ndarray] = {}
     notes: list[dict[str, Any]] = []
     for name, knobs in steps:
@@ -383,6 +455,8 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
             if col in scores:
                 raise ValueError(f"two steps write the column {col}")
             scores[col] = np.asarray(values, dtype=np.float32)
+        if out.weights is not None:
+            weights = np.asarray(out.weights, dtype=np.float64)
         dropped = 0
         if out.drop is not None:
             drop = out.drop & ctx.alive
@@ -394,4 +468,15 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
         notes.append(
             {"scorer": name, "knobs": knobs, "dropped": dropped, "alive_after": int(ctx.alive.sum()), "orientation": spec.orientation, **out.info}
         )
-    return {"reason": reason, "dup_of": dup_of, **scores}, notes
+    return {"reason": reason, "dup_of": dup_of, "weight": mean_one_over(weights, ctx.alive), **scores}, notes
+
+
+def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Weights scaled to mean 1 over the kept rows, 0 elsewhere (float32, the manifest's `weight`)."""
+    out = np.where(keep, weights, 0.0)
+    total = out.sum()
+    if keep.any():
+        if not np.isfinite(total) or total <= 0:
+            raise ValueError("the kept rows' weights sum to zero or are not finite")
+        out = out * (keep.sum() / total)
+    return out.astype(np.float32)

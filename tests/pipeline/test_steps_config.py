@@ -154,3 +154,21 @@ def test_el2n_step_flags_flipped_labels_and_selects_exactly():
     assert (cols["reason"] == "el2n").sum() == 80 and notes[0]["rule"] == "hard"
     with pytest.raises(ValueError, match="needs labels"):
         run_steps(_ctx(n=20, labels=False), [("el2n", {})])
+
+
+def test_coreset_weights_fill_the_weight_column_and_renormalise_after_later_drops():
+    rng = np.random.default_rng(1)
+    n = 300
+    labels = np.array(["a", "b", "c"] * (n // 3), dtype=object)
+    centres = {"a": 0, "b": 1, "c": 2}
+    emb = (np.eye(3, 8)[[centres[x] for x in labels]] + 0.3 * rng.normal(size=(n, 8))).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ctx = _ctx(n=n)
+    ctx.emb, ctx.labels = emb, labels
+    cols, notes = run_steps(ctx, [("coreset_weight", {"coreset_fraction": 0.2}), ("random", {"keep_fraction": 0.5})])
+    kept = cols["reason"] == None  # noqa: E711
+    w = cols["weight"]
+    assert w.dtype == np.float32 and (w[~kept] == 0).all() and (w[kept] > 0).all()
+    assert np.isclose(w[kept].mean(), 1.0, atol=1e-5)
+    assert np.nanstd(cols["score_coreset_weight"]) > 0  # not uniform: the weights carry information
+    assert notes[0]["coreset"]["size"] == 60 and notes[0]["dropped"] == 0
