@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ import numpy as np
 from pipeline.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# Rows cast to float32 at a time (k-means sample, assignment, kNN add): a multiple of faiss's 4096-row query block.
+_CHUNK_ROWS = 65_536
 
 
 def faiss_gpu_count() -> int:
@@ -48,15 +52,19 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
     """Fits k-means on unit embeddings and assigns every row to its nearest centroid.
 
     With spherical=True, faiss renormalises centroids each iteration and the assignment index is inner
-    product, so `search` returns similarities (higher = closer). faiss samples at most
-    k·max_points_per_centroid rows for training (a fixed-size sample); assignment sees every row.
+    product, so `search` returns similarities (higher = closer). faiss trains on at most
+    k·max_points_per_centroid rows (a fixed-size sample); assignment sees every row.
+
+    `emb` may be float16 (or a memmap): only the training sample is copied to float32, drawn here with
+    faiss's own permutation so the centroids are bit-identical to handing faiss all rows (see
+    `training_sample`), and the assignment casts chunk by chunk. Peak extra memory is the sample
+    (k·max_points_per_centroid × d float32: 512 MB at k = 1000, 256, d = 512), whatever n is.
     """
     n, d = emb.shape
     if params.k < 1:
         raise ValueError(f"k must be at least 1, got {params.k}")
     if params.k > n:
         raise ValueError(f"k={params.k} clusters requested for only {n} embeddings; lower index.k")
-    x = np.ascontiguousarray(emb, dtype=np.float32)
     gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
     kmeans = faiss.Kmeans(
         d,
@@ -68,28 +76,83 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
         gpu=bool(gpu),
         verbose=False,
     )
-    kmeans.train(x)
+    sample = training_sample(emb, params)
+    kmeans.train(sample)
+    del sample
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     if params.spherical:
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    sim, assign = nearest_centroid(x, centroids, spherical=params.spherical, use_gpu=gpu)
+    sim, assign = nearest_centroid(emb, centroids, spherical=params.spherical, use_gpu=gpu)
     return KMeansResult(centroids=centroids, assignment=assign, similarity=sim, params=params, used_gpu=bool(gpu))
 
 
+def training_sample(emb: np.ndarray, params: KMeansParams) -> np.ndarray:
+    """The float32 rows faiss k-means trains on: all rows, or the k·max_points_per_centroid faiss would draw.
+
+    faiss.Clustering subsamples an oversized training set with rand_perm(n, seed) and keeps the first
+    k·max_points_per_centroid rows of that permutation, in permutation order. Drawing the same rows here and
+    passing only them (faiss then does not subsample again, and seeds its initial centroids from the same
+    number of rows) gives bit-identical centroids without ever making a float32 copy of all n rows.
+    """
+    n = len(emb)
+    m = params.k * params.max_points_per_centroid
+    if n <= m:
+        return np.ascontiguousarray(emb) if emb.dtype == np.float32 else to_float32(emb, out=np.empty(emb.shape, np.float32))
+    if n >= 2**31:
+        raise ValueError(f"{n} rows exceed faiss's 32-bit training permutation; cluster a sample of the store")
+    perm = np.empty(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, params.seed)
+    picks = perm[:m].copy()
+    del perm
+    # Block by block in faiss's order: no float16 copy of the whole sample, and each block is cast straight
+    # into its place in the float32 sample.
+    sample = np.empty((m, emb.shape[1]), dtype=np.float32)
+    for s in range(0, m, _CHUNK_ROWS):
+        to_float32(emb[picks[s : s + _CHUNK_ROWS]], out=sample[s : s + _CHUNK_ROWS])
+    return sample
+
+
 def nearest_centroid(
-    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = True, use_gpu: bool = False, chunk: int = 262_144
+    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = True, use_gpu: bool = False, chunk: int = _CHUNK_ROWS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Assigns rows to centroids in chunks (memory flat in n). Returns (similarity or -sq.distance, index)."""
+    """Assigns rows to centroids in chunks (memory flat in n). Returns (similarity or -sq.distance, index).
+
+    `x` may be float16 or a memmap: each chunk is cast into one reused float32 buffer (128 MB at d = 512).
+    The chunk is a multiple of faiss's 4096-row query block, so results match one search over all rows.
+    """
     index = _flat_index(centroids.shape[1], inner_product=spherical, use_gpu=use_gpu)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     sims = np.empty(len(x), dtype=np.float32)
     ids = np.empty(len(x), dtype=np.int32)
+    buffer = np.empty((min(chunk, len(x)), x.shape[1]), dtype=np.float32) if x.dtype != np.float32 else None
     for start in range(0, len(x), chunk):
-        block = np.ascontiguousarray(x[start : start + chunk], dtype=np.float32)
+        block = x[start : start + chunk]
+        block = to_float32(block, out=buffer[: len(block)]) if buffer is not None else np.ascontiguousarray(block)
         d, i = index.search(block, 1)
         sims[start : start + len(block)] = d[:, 0] if spherical else -d[:, 0]
         ids[start : start + len(block)] = i[:, 0]
     return sims, ids
+
+
+def to_float32(rows: np.ndarray, *, out: np.ndarray) -> np.ndarray:
+    """Casts rows (float16 or float32, a memmap slice included) into the float32 array `out` and returns it.
+
+    torch's vectorised half-to-float conversion is several times faster than numpy's (measured here: 25-55 ms
+    against 130-220 ms for 65,536 × 512), and writing into a reused buffer spares the page faults of a fresh
+    128 MB array per chunk. The values are the same: every float16 is exactly representable in float32.
+    """
+    import torch
+
+    if out.shape != rows.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {rows.shape}, got {out.dtype} {out.shape}")
+    src = np.ascontiguousarray(rows)
+    if src.dtype not in (np.float16, np.float32):
+        out[...] = src
+        return out
+    with warnings.catch_warnings():  # read-only memmap slices: torch warns although nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(out).copy_(torch.from_numpy(src))
+    return out
 
 
 def _flat_index(dim: int, *, inner_product: bool, use_gpu: bool) -> faiss.Index:
@@ -109,9 +172,12 @@ class KnnParams:
 
 
 def build_knn_index(emb: np.ndarray, params: KnnParams, *, use_gpu: bool | None = None) -> tuple[faiss.Index, dict[str, Any]]:
-    """An inner-product index over unit embeddings: exact flat for small n, IVF-flat for large n."""
+    """An inner-product index over unit embeddings: exact flat for small n, IVF-flat for large n.
+
+    `emb` may be float16: rows are cast to float32 and added chunk by chunk, so the only full float32 copy
+    is the one inside the index.
+    """
     n, d = emb.shape
-    x = np.ascontiguousarray(emb, dtype=np.float32)
     kind = params.kind
     if kind == "auto":
         kind = "ivf" if n >= params.ivf_threshold else "flat"
@@ -125,15 +191,18 @@ def build_knn_index(emb: np.ndarray, params: KnnParams, *, use_gpu: bool | None 
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(params.seed)
-        train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
-        index.train(train)
+        rows = np.arange(n) if n <= 256 * nlist else np.sort(rng.choice(n, 256 * nlist, replace=False))
+        index.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
         index.nprobe = params.nprobe
         info.update(nlist=nlist, nprobe=params.nprobe)
     gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
     if gpu and faiss_gpu_count() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
         info["gpu"] = True
-    index.add(x)
+    buffer = np.empty((min(_CHUNK_ROWS, n), d), dtype=np.float32)
+    for start in range(0, n, _CHUNK_ROWS):
+        block = emb[start : start + _CHUNK_ROWS]
+        index.add(to_float32(block, out=buffer[: len(block)]))
     return index, info
 
 
