@@ -53,8 +53,18 @@ class ClusterComplexity:
     sizes: np.ndarray
 
 
+def _shape(emb: np.ndarray | None, cluster_ids: np.ndarray, centroids: np.ndarray, given: np.ndarray | None) -> tuple[int, int]:
+    """(n, d): from the embeddings, or, when only distances are given (emb=None), from the ids and centroids."""
+    if emb is not None:
+        _check_emb(emb)
+        return emb.shape
+    if given is None:
+        raise ValueError("emb may be None only when dist_to_centroid is given")
+    return len(np.asarray(cluster_ids)), np.asarray(centroids).shape[1]
+
+
 def cluster_complexity(
-    emb: np.ndarray,
+    emb: np.ndarray | None,
     cluster_ids: np.ndarray,
     centroids: np.ndarray,
     *,
@@ -67,12 +77,11 @@ def cluster_complexity(
     which indexes every centroid); with fewer than ``n_neighbors + 1`` centroids, all the others are used.
     The centroid's own entry is excluded by index, not by position in a search result (robust to repeated centroids).
     ``dist_to_centroid`` (n,) may pass distances already computed (e.g. ``1 - sim`` from the spherical k-means
-    assignment) to skip a pass over the embeddings.
+    assignment) to skip a pass over the embeddings; ``emb`` may then be None.
     """
     if n_neighbors < 1:
         raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
-    _check_emb(emb)
-    n, d = emb.shape
+    n, d = _shape(emb, cluster_ids, centroids, dist_to_centroid)
     mu = unit_centroids(centroids, d)
     k = mu.shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
@@ -220,7 +229,7 @@ def dbp_quotas(
 
 
 def dbp_select(
-    emb: np.ndarray,
+    emb: np.ndarray | None,
     cluster_ids: np.ndarray,
     centroids: np.ndarray,
     quotas: np.ndarray,
@@ -238,8 +247,7 @@ def dbp_select(
     Returns a bool keep mask (n,) with exactly ``quotas[j]`` True in cluster j.
     """
     _check_keep(keep)
-    _check_emb(emb)
-    n, d = emb.shape
+    n, d = _shape(emb, cluster_ids, centroids, dist_to_centroid if keep != "random" else np.zeros(0))
     k = unit_centroids(centroids, d).shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
     q = np.asarray(quotas)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from scipy.optimize import lsq_linear
 
 from scorers.dbp import cluster_complexity, dbp_quotas, dbp_select
+from scorers.prototypes import distance_to_centroid
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -219,3 +220,15 @@ def test_select_ties_and_row_order():
     assert set(uids[perm][r1]) == set(uids[r2]) and r2.sum() == 3
     with pytest.raises(ValueError, match="quotas"):
         dbp_select(emb, labels, cent, np.array([7]))
+
+
+def test_distances_alone_give_the_same_result_as_embeddings():
+    emb, ids, cent = _clusters(seed=3)
+    dist = distance_to_centroid(emb, ids, cent)
+    full = cluster_complexity(emb, ids, cent, n_neighbors=3)
+    lean = cluster_complexity(None, ids, cent, n_neighbors=3, dist_to_centroid=dist)
+    np.testing.assert_array_equal(full.complexity, lean.complexity)
+    quotas = dbp_quotas(full.complexity, full.sizes, keep_fraction=0.5)
+    np.testing.assert_array_equal(dbp_select(emb, ids, cent, quotas), dbp_select(None, ids, cent, quotas, dist_to_centroid=dist))
+    with pytest.raises(ValueError, match="only when dist_to_centroid"):
+        cluster_complexity(None, ids, cent)
