@@ -172,3 +172,24 @@ def test_coreset_weights_fill_the_weight_column_and_renormalise_after_later_drop
     assert np.isclose(w[kept].mean(), 1.0, atol=1e-5)
     assert np.nanstd(cols["score_coreset_weight"]) > 0  # not uniform: the weights carry information
     assert notes[0]["coreset"]["size"] == 60 and notes[0]["dropped"] == 0
+
+
+def test_ot_target_estimates_how_much_to_keep():
+    from pipeline.stages import target_key
+
+    rng = np.random.default_rng(2)
+    n = 400
+    shift = np.zeros(4)
+    shift[0] = 5.0
+    emb = np.concatenate([rng.normal(size=(120, 4)) + shift, rng.normal(size=(280, 4)) - shift]).astype(np.float32)
+    target_spec = {"kind": "precomputed", "emb_paths": "t.npy", "meta_paths": "t.parquet"}
+    ctx = _ctx(n=n, labels=False)
+    ctx.emb = emb
+    ctx.targets = {target_key(target_spec): (rng.normal(size=(250, 4)) + shift).astype(np.float32)}
+    cols, notes = run_steps(ctx, [("ot_target", {"target": target_spec, "estimate_ratio": True})])
+    kept = np.flatnonzero(cols["reason"] == None)  # noqa: E711
+    assert 0.15 <= notes[0]["estimated_ratio"] <= 0.45  # the target domain is 30% of the pool
+    assert len(kept) == int(np.ceil(notes[0]["estimated_ratio"] * n)) and (kept < 120).mean() >= 0.95
+    assert set(notes[0]["ratio_curve"]) and cols["score_ot"][:120].mean() > cols["score_ot"][120:].mean()
+    with pytest.raises(ValueError, match="exactly one"):
+        run_steps(_ctx(n=n, labels=False), [("ot_target", {"target": target_spec})])
