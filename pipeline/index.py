@@ -17,17 +17,12 @@ import faiss
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.device import faiss_gpu_available
 
 log = logging.getLogger(__name__)
 
 # Rows cast to float32 at a time (k-means sample, assignment, kNN add): a multiple of faiss's 4096-row query block.
 _CHUNK_ROWS = 65_536
-
-
-def faiss_gpu_count() -> int:
-    """Number of GPUs faiss can use; 0 for faiss-cpu builds, which lack the GPU symbols."""
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
         raise ValueError(f"k must be at least 1, got {params.k}")
     if params.k > n:
         raise ValueError(f"k={params.k} clusters requested for only {n} embeddings; lower index.k")
-    gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
+    gpu = faiss_gpu_available() if use_gpu is None else use_gpu
     kmeans = faiss.Kmeans(
         d,
         params.k,
@@ -157,7 +152,7 @@ def to_float32(rows: np.ndarray, *, out: np.ndarray) -> np.ndarray:
 
 def _flat_index(dim: int, *, inner_product: bool, use_gpu: bool) -> faiss.Index:
     index = faiss.IndexFlatIP(dim) if inner_product else faiss.IndexFlatL2(dim)
-    if use_gpu and faiss_gpu_count() > 0:
+    if use_gpu and faiss_gpu_available():
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 
@@ -195,8 +190,8 @@ def build_knn_index(emb: np.ndarray, params: KnnParams, *, use_gpu: bool | None 
         index.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
         index.nprobe = params.nprobe
         info.update(nlist=nlist, nprobe=params.nprobe)
-    gpu = faiss_gpu_count() > 0 if use_gpu is None else use_gpu
-    if gpu and faiss_gpu_count() > 0:
+    gpu = faiss_gpu_available() if use_gpu is None else use_gpu
+    if gpu and faiss_gpu_available():
         index = faiss.index_cpu_to_all_gpus(index)
         info["gpu"] = True
     buffer = np.empty((min(_CHUNK_ROWS, n), d), dtype=np.float32)
@@ -233,7 +228,7 @@ def load_kmeans(directory: str | Path, key: str) -> KMeansResult | None:
 
 
 def save_knn_index(index: faiss.Index, info: dict[str, Any], directory: str | Path, key: str) -> Path:
-    if faiss_gpu_count() > 0 and hasattr(faiss, "index_gpu_to_cpu") and info.get("gpu"):
+    if faiss_gpu_available() and hasattr(faiss, "index_gpu_to_cpu") and info.get("gpu"):
         index = faiss.index_gpu_to_cpu(index)
     path = Path(directory) / f"knn-{key}.faiss"
     with atomic_path(path) as tmp:
