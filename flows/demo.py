@@ -35,7 +35,8 @@ def demo_config(out: Path) -> dict:
     return {
         "name": "digits-demo",
         "source": {"kind": "image_folder", "root": str(out / "digits")},
-        "embed": {"kind": "pixels", "shard_size": 500, "num_workers": 2, "pixels": {"size": 16, "grey": True, "dim": 32}},
+        # Tiny PNGs decode faster in-process than worker processes start: no DataLoader workers here.
+        "embed": {"kind": "pixels", "shard_size": 500, "num_workers": 0, "pixels": {"size": 16, "grey": True, "dim": 32}},
         "index": {"k": 20},
         "steps": DEMO_STEPS,
         "output_root": str(out / "runs"),
