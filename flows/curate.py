@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline import stages
 from pipeline.config import CurateConfig
-from pipeline.manifest import write_manifest
+from pipeline.manifest import read_run_info, write_manifest
 from pipeline.store import EmbeddingStore
 
 # Inputs are large arrays and open sources: never hash them for Prefect's cache.
@@ -159,8 +159,6 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         frame, notes = score(cfg, store, emb, ok_meta, kmeans, targets)
     with _timed(stats, "manifest"):
         path = manifest(cfg, store, frame, notes, stats)
-    from pipeline.manifest import read_run_info
-
     info = read_run_info(path.parent)
     if cfg.report:
         report(cfg, info)
