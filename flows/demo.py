@@ -16,6 +16,11 @@ DEMO_STEPS = [
 ]
 
 
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """One 8×8 digit scan (values 0–16) as a 32×32 greyscale image."""
+    return Image.fromarray((pixels * (255 / 16)).astype(np.uint8), mode="L").resize((32, 32), Image.NEAREST)
+
+
 def write_digits(folder: Path) -> int:
     """Writes the digits as 32×32 greyscale PNGs in class subfolders (labels from folder names)."""
     from sklearn.datasets import load_digits
@@ -26,8 +31,7 @@ def write_digits(folder: Path) -> int:
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), mode="L").resize((32, 32), Image.NEAREST)
-        img.save(path)
+        digit_image(pixels).save(path)
     return len(digits.images)
 
 

@@ -15,6 +15,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from flows.demo import digit_image
+
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1280, 4000)
 SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "grids", "duplicates",
@@ -59,7 +61,7 @@ def _write_digits(folder: Path, n: int = 200, copies: int = 3) -> None:
     for i in range(n):
         path = folder / str(int(digits.target[i])) / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8), mode="L").resize((32, 32), Image.NEAREST).save(path)
+        digit_image(digits.images[i]).save(path)
         paths.append(path)
     for j, src in enumerate(paths[:copies]):
         shutil.copyfile(src, src.with_name(f"zcopy{j}_{src.name}"))

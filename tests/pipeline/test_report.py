@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from flows.demo import digit_image
 from pipeline import stages
 from pipeline.config import CurateConfig
 from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
@@ -54,8 +55,7 @@ def _write_digits(folder: Path, *, with_classes: bool) -> None:
         label = int(digits.target[i])
         path = folder / str(label) / f"{i:04d}.png" if with_classes else folder / f"{label}_{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8), mode="L").resize((32, 32), Image.NEAREST)
-        img.save(path)
+        digit_image(digits.images[i]).save(path)
         paths.append(path)
     for j, src in enumerate(paths[:EXACT_COPIES]):
         shutil.copyfile(src, src.with_name(f"zcopy{j}_{src.name}"))

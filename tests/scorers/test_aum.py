@@ -9,13 +9,7 @@ from scorers.aum import aum_embedding_scores, aum_from_logits, margins
 from scorers.el2n import el2n_embedding_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: one thread is as fast and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_aum_from_logits_matches_a_direct_loop() -> None:

@@ -18,13 +18,7 @@ from scorers.el2n import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: one thread is as fast and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def two_gaussians(n: int = 2000, d: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
