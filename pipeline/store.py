@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_group, atomic_write_text
+from pipeline.checked_parquet import read_checked, to_polars, verify_digest, write_checked
 
 META_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -98,16 +99,28 @@ class EmbeddingStore:
         if not self.info_path.exists():
             raise StoreError(f"{self.root} is not an embedding store (no store.json)")
         try:
-            return json.loads(self.info_path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(self.info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{self.info_path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise StoreError(f"{self.info_path} must hold a JSON object, found {type(raw).__name__}")
+        version = raw.get("format_version")
+        if version != STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{self.info_path} has store format version {version!r}; this winnow reads version {STORE_FORMAT_VERSION}"
+            )
+        return raw
 
     def info(self) -> StoreInfo:
         raw = self.read_info_dict()
         try:
-            return StoreInfo(**{k: raw[k] for k in StoreInfo.__dataclass_fields__})
+            info = StoreInfo(**{k: raw[k] for k in StoreInfo.__dataclass_fields__})
         except KeyError as exc:
             raise StoreError(f"{self.info_path} lacks the field {exc}") from exc
+        problems = _info_problems(info)
+        if problems:
+            raise StoreError(f"{self.info_path} is damaged: {'; '.join(problems)}")
+        return info
 
     # ---- shards -------------------------------------------------------------------------------
     def is_done(self, shard: int) -> bool:
@@ -129,31 +142,74 @@ class EmbeddingStore:
             raise StoreError(f"shard {shard}: {embeddings.shape} embeddings for {n_ok} ok rows of dim {info.dim}")
         if not np.isfinite(embeddings).all():
             raise StoreError(f"shard {shard}: embeddings contain NaN or Inf")
-        with atomic_path(self.emb_path(shard)) as tmp:
-            with open(tmp, "wb") as fh:
+        # Both data files are written in full before either replaces anything, and a marker of an earlier write of
+        # this shard goes first: a full disk leaves the previous shard as it was, never new data under an old marker.
+        with atomic_group(self.emb_path(shard), self.meta_path(shard), remove_first=[self.done_path(shard)]) as (t_emb, t_meta):
+            with open(t_emb, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(embeddings, dtype=info.dtype))
-        with atomic_path(self.meta_path(shard)) as tmp:
-            frame.write_parquet(tmp)
+            write_checked(frame.to_arrow(), t_meta)
         atomic_write_text(self.done_path(shard), json.dumps({"rows": frame.height, "ok": n_ok}))
 
     def read_meta(self, shard: int) -> pl.DataFrame:
+        """One shard's meta rows, checked: readable, every column of META_SCHEMA with its type, content checksum."""
         path = self.meta_path(shard)
-        try:
-            frame = pl.read_parquet(path)
-        except Exception as exc:  # polars raises several error types for damaged files
-            raise StoreError(f"cannot read {path}: {exc}") from exc
-        missing = set(META_SCHEMA) - set(frame.columns)
+        # pyarrow, not polars: polars can abort the process on a damaged page. "cannot read" names the file.
+        table = read_checked(path, _CannotRead, verify=False) if path.exists() else None
+        if table is None:
+            raise StoreError(f"cannot read {path}: the file does not exist")
+        missing = set(META_SCHEMA) - set(table.column_names)
         if missing:
             raise StoreError(f"{path} lacks the columns {sorted(missing)}")
-        return frame
+        verify_digest(table, path, _CannotRead)
+        frame = to_polars(table, path, _CannotRead)
+        wrong = [f"{c} is {frame.schema[c]}, expected {t}" for c, t in META_SCHEMA.items()
+                 if frame.schema[c] != t and frame.schema[c] != pl.Null]
+        if wrong:
+            raise StoreError(f"{path} has columns of the wrong type: {', '.join(wrong)}")
+        return frame.select([pl.col(c).cast(t) for c, t in META_SCHEMA.items()])
 
     def read_embeddings(self, shard: int, *, mmap: bool = True) -> np.ndarray:
+        """One shard's embeddings (memory-mapped by default): a 2-d float16/float32 array, else a StoreError."""
         path = self.emb_path(shard)
         try:
             emb = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
+        except Exception as exc:  # OSError, ValueError, EOFError, and SyntaxError/TokenError from a damaged header
+            raise StoreError(f"cannot read {path} (damaged or truncated?): {type(exc).__name__}: {exc}") from exc
+        if not isinstance(emb, np.ndarray) or emb.dtype not in (np.float16, np.float32) or emb.ndim != 2:
+            what = f"{emb.dtype} array of shape {emb.shape}" if isinstance(emb, np.ndarray) else type(emb).__name__
+            raise StoreError(f"{path} holds a {what}; a store shard is a 2-d float16 or float32 array")
         return emb
+
+    def read_marker(self, shard: int) -> dict[str, Any]:
+        """The completion marker's content ({"rows": meta rows, "ok": embedding rows}); {} for an empty marker."""
+        path = self.done_path(shard)
+        try:
+            text = path.read_text()
+            marker = json.loads(text) if text.strip() else {}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"completion marker {path} is damaged: {exc}") from exc
+        if not isinstance(marker, dict):
+            raise StoreError(f"completion marker {path} is damaged: not a JSON object")
+        return marker
+
+    def check_shard(self, shard: int, emb: np.ndarray, meta: pl.DataFrame, info: StoreInfo | None = None) -> None:
+        """Row counts agree across a shard's files: meta rows = the marker's rows, ok rows = embedding rows = the
+        marker's ok count, embedding width = the store's dim, dtype = the store's dtype. Raises StoreError naming the shard."""
+        info = self.info() if info is None else info
+        n_ok = int((meta["status"] == "ok").sum())
+        if emb.ndim != 2 or emb.shape != (n_ok, info.dim):
+            raise StoreError(
+                f"shard {shard}: embeddings of shape {emb.shape} in {self.emb_path(shard)} do not match "
+                f"{n_ok} ok meta rows of dim {info.dim}"
+            )
+        if emb.dtype != np.dtype(info.dtype):
+            raise StoreError(f"shard {shard}: {self.emb_path(shard)} holds {emb.dtype}, the store says {info.dtype}")
+        marker = self.read_marker(shard)
+        if marker.get("rows", meta.height) != meta.height or marker.get("ok", n_ok) != n_ok:
+            raise StoreError(
+                f"shard {shard}: {self.meta_path(shard)} has {meta.height} rows ({n_ok} ok) but its completion marker "
+                f"says {marker.get('rows')} ({marker.get('ok')} ok); the shard was changed after it was written"
+            )
 
     def iter_shards(self, *, mmap: bool = True) -> Iterator[tuple[int, np.ndarray, pl.DataFrame]]:
         """Yields (shard, embeddings of the ok rows, full meta) for every finished shard, in shard order."""
@@ -161,17 +217,18 @@ class EmbeddingStore:
         for shard in self.done_shards():
             meta = self.read_meta(shard)
             emb = self.read_embeddings(shard, mmap=mmap)
-            n_ok = int((meta["status"] == "ok").sum())
-            if emb.ndim != 2 or emb.shape != (n_ok, info.dim):
-                raise StoreError(
-                    f"shard {shard}: embeddings of shape {emb.shape} do not match {n_ok} ok meta rows of dim {info.dim}"
-                )
+            self.check_shard(shard, emb, meta, info)
             yield shard, emb, meta
 
     def check_complete(self) -> None:
-        missing = sorted(set(range(self.info().n_shards)) - set(self.done_shards()))
+        expected = set(range(self.info().n_shards))
+        done = set(self.done_shards())
+        missing = sorted(expected - done)
         if missing:
             raise StoreError(f"store {self.root} is incomplete: shards {missing[:10]} not done")
+        extra = sorted(done - expected)
+        if extra:
+            raise StoreError(f"store {self.root} has completion markers for shards {extra[:10]} beyond its n_shards")
 
     def load(self, *, dtype: str | None = None) -> tuple[np.ndarray, pl.DataFrame]:
         """All ok rows: embeddings (n_ok × dim) and their meta rows, plus nothing else.
@@ -221,6 +278,31 @@ class EmbeddingStore:
         for shard in self.done_shards():
             digest.update(self.meta_path(shard).read_bytes())
         return digest.hexdigest()[:16]
+
+
+class _CannotRead(StoreError):
+    """A store file that cannot be read; the message starts with 'cannot read' like the other read errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"cannot read: {message}")
+
+
+def _info_problems(info: StoreInfo) -> list[str]:
+    def positive_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    problems = []
+    if not positive_int(info.dim):
+        problems.append(f"dim {info.dim!r} is not a positive integer")
+    if info.dtype not in ("float16", "float32"):
+        problems.append(f"dtype {info.dtype!r} is not float16 or float32")
+    if not positive_int(info.shard_size):
+        problems.append(f"shard_size {info.shard_size!r} is not a positive integer")
+    if not (isinstance(info.n_shards, int) and not isinstance(info.n_shards, bool) and info.n_shards >= 0):
+        problems.append(f"n_shards {info.n_shards!r} is not a non-negative integer")
+    if not isinstance(info.embedder, dict) or not isinstance(info.source, dict):
+        problems.append("embedder and source must be JSON objects")
+    return problems
 
 
 def _all_finite(x: np.ndarray) -> bool:
