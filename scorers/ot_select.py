@@ -21,7 +21,9 @@ is relative to a typical cost and one default fits any feature scale). On the sa
 pool potential up to the additive constant eps * log(1/m) (soft) or exactly (hard).
 
 Orientation: low potential = cheap to move onto the target = useful. ``score = -f``, so **higher is better**, and a
-fixed-budget selection is the top-k by score. ``estimate_selection_ratio`` implements TAROT's second mode.
+fixed-budget selection is the top-k by score. ``estimate_selection_ratio`` implements TAROT's second mode (OT-distance
+minimisation over target folds with per-target neighbourhoods; the ratio is an output). ``fit_proxy_head`` and
+``gradient_features`` give TAROT/LESS-style features: JL-projected per-sample gradients of a proxy linear head.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ __all__ = [
     "ot_scores",
     "RatioEstimate",
     "estimate_selection_ratio",
+    "ProxyHead",
+    "fit_proxy_head",
+    "gradient_features",
 ]
 
 # The largest chunk x |T| block held at once (float32 elements): 2^25 = 128 MiB.
@@ -238,7 +243,7 @@ def _check_emb(name: str, x: np.ndarray) -> np.ndarray:
 def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05, whiten: bool = True,
               whitening_method: Literal["zca", "cholesky"] = "zca", ridge: float = 1e-3, sample_size: int = 5000,
               target_sample_size: int = 5000, chunk: int = 65536, seed: int = 0, device: str = "auto",
-              num_iter: int = 2000) -> OTScores:
+              num_iter: int = 2000, normalize: bool = False) -> OTScores:
     """TAROT/LAVA per-sample OT scores of every pool row toward ``target_emb``; **higher = more useful**.
 
     1. (``whiten``) fit a whitening map on a seeded sample of ``sample_size`` pool rows; apply it to pool and target.
@@ -246,6 +251,8 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
        the target (subsampled to ``target_sample_size`` rows if larger) with POT; keep the target potential g.
     3. Stream the c-transform of g over all pool rows in chunks of ``chunk`` rows: score = -f(x).
     The pool may be a memory-mapped array; only ``chunk`` rows are whitened and scored at a time.
+    ``normalize``: scale rows to unit norm after whitening (TAROT does this for gradient features, whose magnitude
+    mostly says how confidently the proxy head fits a row, not which domain it is from).
     """
     t0 = time.perf_counter()
     pool_emb = _check_emb("pool_emb", pool_emb)
@@ -269,6 +276,9 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
         wh = fit_whitening(pool_sample, method=whitening_method, ridge=ridge)
         pool_sample = wh.apply(pool_sample).astype(np.float64)
         tgt = wh.apply(tgt).astype(np.float64)
+    if normalize:
+        pool_sample = _unit(pool_sample).astype(np.float64)
+        tgt = _unit(tgt).astype(np.float64)
     t1 = time.perf_counter()
     _, g, info = target_potential(pool_sample, tgt, eps=eps, num_iter=num_iter)
     t2 = time.perf_counter()
@@ -279,13 +289,15 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
         block = np.asarray(pool_emb[s:s + rows])
         if wh is not None:
             block = wh.apply(block, chunk=rows)
+        if normalize:
+            block = _unit(block)
         f = c_transform(block, tgt, g, eps=eps, cost_scale=info["cost_scale"], chunk=rows, device=device)
         scores[s:s + rows] = -f
     t3 = time.perf_counter()
     info.update({
         "method": "TAROT/LAVA OT dual potential (c-transform of the target potential)",
         "orientation": "higher = more useful (score = -f, f = pool-side dual potential)",
-        "whiten": whitening_method if whiten else None, "ridge": ridge if whiten else None,
+        "whiten": whitening_method if whiten else None, "ridge": ridge if whiten else None, "normalize": normalize,
         "sample_size": int(samp_idx.size), "n_target_used": int(tgt.shape[0]), "n_pool": int(n),
         "chunk": rows, "seed": seed,
         "seconds": {"fit": t1 - t0, "potentials": t2 - t1, "stream": t3 - t2, "total": t3 - t0},
@@ -294,106 +306,276 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# TAROT mode 2: choose how much to select by OT-distance minimisation over target folds
+# TAROT mode 2: OT-distance minimisation (OTM) over target folds; the selection ratio is an output
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class RatioEstimate:
-    """The selection ratio minimising the mean OT distance to held-out target folds, and the whole curve."""
+    """TAROT's OTM result: the union of the per-fold selections, its ratio, and the distance curves.
+
+    ``k_grid[i]`` neighbours per selecting target row give, in fold j, a selection of ``sizes[i][j]`` pool rows at OT
+    distance ``distance_per_fold[i][j]`` from the fold's reference rows. ``ratios[i]`` / ``distance[i]`` are the means
+    over folds (the curve written to run.json). ``selected`` = union over folds of each fold's chosen selection;
+    ``ratio = len(selected) / N``.
+    """
 
     ratio: float
-    ratios: list[float]
-    distance: list[float]  # mean over folds, per ratio
-    distance_per_fold: list[list[float]]  # [ratio][fold]
+    selected: np.ndarray  # int64 pool row indices, sorted
+    k_grid: list[int]
+    ratios: list[float]  # mean (over folds) selected fraction per k
+    distance: list[float]  # mean (over folds) OT distance per k
+    distance_per_fold: list[list[float]]  # [k][fold]
+    sizes: list[list[int]]  # [k][fold]
+    fold_choice: list[int]  # chosen k per fold
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
-        """Number of pool rows to keep at the estimated ratio."""
-        return int(self.info.get("k", 0))
+        """Number of pool rows in the OTM selection (= ceil-free count of ``selected``)."""
+        return int(self.selected.size)
 
 
-DEFAULT_RATIOS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def estimate_selection_ratio(pool_emb: np.ndarray, target_emb: np.ndarray, scores: np.ndarray | None = None, *,
-                             ratios: Sequence[float] = DEFAULT_RATIOS, k_folds: int = 5, eps: float = 0.05,
-                             whiten: bool = True, whitening: Whitening | None = None, ridge: float = 1e-3,
-                             subsample: int = 1000, sample_size: int = 5000, distance_eps: float = 0.0,
-                             seed: int = 0, device: str = "auto") -> RatioEstimate:
-    """TAROT's OT-distance minimisation: for each ratio r keep the top ceil(r*N) pool rows by score and measure the OT
-    distance from (a seeded subsample of) them to each held-out target fold; return the r of least mean distance.
+def _topk_per_target(pool_emb: np.ndarray, prep: Any, targets_u: np.ndarray, k_max: int, *, chunk: int,
+                     device: str) -> tuple[np.ndarray, np.ndarray]:
+    """For every target row, the ``k_max`` most cosine-similar pool rows (sorted, best first), streamed over the pool
+    in chunks: memory ``(chunk + k_max) x |T|``, never ``N x |T|``. Returns (sims [k_max, |T|], idx [k_max, |T|])."""
+    import torch
 
-    ``scores=None`` (the honest k-fold): each fold's selection is ranked by ``ot_scores`` computed against the *other*
-    folds only, so a ratio is never judged on the target rows that chose it. Given ``scores``, they rank every fold.
-    The distance is squared-Euclidean OT on whitened features (``ot.emd2``, exact, when ``distance_eps == 0``; else
-    ``ot.sinkhorn2`` at that relative eps), between uniform measures; every ratio uses the same number of rows
-    ``min(subsample, ceil(r*N))``, so finite-sample bias does not favour one ratio.
+    dev = _resolve_device(device)
+    t = torch.as_tensor(targets_u, device=dev)
+    best_v = best_i = None
+    n = pool_emb.shape[0]
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            xb = torch.as_tensor(prep(np.asarray(pool_emb[s:s + chunk])), device=dev)
+            sim = xb @ t.T  # [c, |T|]
+            ids = torch.arange(s, s + xb.shape[0], device=dev)[:, None].expand_as(sim)
+            if best_v is not None:
+                sim = torch.cat([best_v, sim])
+                ids = torch.cat([best_i, ids])
+            kk = min(k_max, sim.shape[0])
+            best_v, pos = torch.topk(sim, kk, dim=0, largest=True, sorted=True)
+            best_i = torch.gather(ids, 0, pos)
+    return best_v.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
 
-    Caveat (measured): OT between empirical measures is biased toward *concentrated* selections when the dimension
-    is high and the held-out folds are small (25 rows in 8-d: the minimum sits at a third of the true share); with
-    ~50 rows per fold in <= 4-d it lands on the share. Reduce the features (e.g. PCA) or give more target rows.
-    """
+
+def _ot_distance(sel_u: np.ndarray, ref_u: np.ndarray, cost: str) -> float:
+    """Exact OT (``ot.emd2``) between uniform measures; cost ``euclidean`` (TAROT: sqrt(2 - 2 cos) on the sphere) or
+    ``sqeuclidean``."""
     import ot
 
+    c = _sq_dists(sel_u, ref_u)
+    if cost == "euclidean":
+        c = np.sqrt(c)
+    a = np.full(sel_u.shape[0], 1.0 / sel_u.shape[0])
+    b = np.full(ref_u.shape[0], 1.0 / ref_u.shape[0])
+    return float(ot.emd2(a, b, c, numItermax=1_000_000))
+
+
+def estimate_selection_ratio(pool_emb: np.ndarray, target_emb: np.ndarray, *, k_folds: int = 5,
+                             n_grid: int = 40, max_ratio: float = 1.0, whiten: bool = True,
+                             whitening_method: Literal["zca", "cholesky"] = "cholesky", ridge: float = 1e-3,
+                             sample_size: int = 5000, subsample: int = 3000, cost: str = "euclidean",
+                             stop: Literal["min", "first_increase"] = "min", seed: int = 0, chunk: int = 65536,
+                             device: str = "auto") -> RatioEstimate:
+    """TAROT's OT-distance minimisation (OTM): how much of the pool to select, with the selection itself.
+
+    Follows vita-epfl/TAROT (``DataSelector.select_data``, method ``otm``):
+
+    1. Features: whitening fitted on a pool sample **together with the target** (TAROT fits one Cholesky whitening on
+       candidates + targets), then rows scaled to unit norm; similarity = cosine, OT cost = ||u - v|| =
+       sqrt(2 - 2 cos) (``cost="euclidean"``, TAROT's ``cosine_L2``).
+    2. K-fold over the target (shuffled). In fold j the *held-out* fold selects and the other k-1 folds are the
+       reference: for k neighbours per selecting target row, the selection is the union of each selecting row's k
+       most similar pool rows (similarity > 0, as TAROT), and its OT distance (exact ``ot.emd2``; TAROT uses
+       geomloss Sinkhorn at blur 0.01, i.e. nearly exact) to the reference rows is measured.
+    3. k runs over a geometric grid (``n_grid`` values from 1 to the largest useful k; TAROT walks k = 1, 2, 3, ...);
+       each fold keeps the selection at the k of least distance (``stop="min"``) or, as TAROT, at the last k before
+       the distance first rises (``stop="first_increase"``).
+    4. The result is the union of the fold selections; ``ratio = |union| / N`` is an output, not an input.
+
+    Why this and not "top-r by the OT score vs a held-out fold": in high dimension a *concentrated* set (near the
+    target's mode) is closer in empirical OT to a small held-out fold than a sample of the target's own
+    distribution (E||x - mean||^2 = tr C vs E||x - x'||^2 = 2 tr C), so ranking by a global score and minimising over r
+    picks a tiny r. Growing per-target neighbourhoods keep the selection spread like the target, so the distance
+    falls while the neighbourhoods stay in the target's domain and rises once they spill out of it.
+
+    The similarity matrix is never ``N x |T|``: the top-k neighbours of every target row are kept while streaming the
+    pool (``k_max x |T|`` with ``k_max <= min(N, 2^25 / |T|, ceil(max_ratio N))``). Each distance uses at most
+    ``subsample`` rows of the selection (seeded uniform draw). Costs ~ n_grid x k_folds exact OT solves.
+    """
     pool_emb = _check_emb("pool_emb", pool_emb)
     target_emb = _check_emb("target_emb", target_emb)
     n, n_t = pool_emb.shape[0], target_emb.shape[0]
     if pool_emb.shape[1] != target_emb.shape[1]:
         raise ValueError(f"pool_emb has d={pool_emb.shape[1]} but target_emb has d={target_emb.shape[1]}")
-    rs = [float(r) for r in ratios]
-    if not rs or any(not (0.0 < r <= 1.0) for r in rs):
-        raise ValueError(f"ratios must be a non-empty list of values in (0, 1], got {list(ratios)}")
-    rs = sorted(set(rs))
     if not 2 <= k_folds <= n_t:
         raise ValueError(f"k_folds must be in [2, len(target_emb)={n_t}], got {k_folds}")
-    if scores is not None:
-        scores = np.asarray(scores)
-        if scores.shape != (n,):
-            raise ValueError(f"scores must have shape ({n},), got {scores.shape}")
-    if subsample < 2:
-        raise ValueError(f"subsample must be >= 2, got {subsample}")
+    if not 0.0 < max_ratio <= 1.0:
+        raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio}")
+    if n_grid < 2 or subsample < 2 or chunk < 1:
+        raise ValueError(f"n_grid and subsample must be >= 2 and chunk >= 1, got {n_grid}, {subsample}, {chunk}")
+    if cost not in ("euclidean", "sqeuclidean"):
+        raise ValueError(f"cost must be 'euclidean' or 'sqeuclidean', got {cost!r}")
+    if stop not in ("min", "first_increase"):
+        raise ValueError(f"stop must be 'min' or 'first_increase', got {stop!r}")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    if whiten and whitening is None:
+    wh = None
+    if whiten:
         samp = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
-        whitening = fit_whitening(np.asarray(pool_emb[samp], dtype=np.float64), ridge=ridge)
-    wh = whitening if whiten else None
+        joint = np.concatenate([np.asarray(pool_emb[samp], dtype=np.float64), np.asarray(target_emb, np.float64)])
+        wh = fit_whitening(joint, method=whitening_method, ridge=ridge)
 
     def prep(x: np.ndarray) -> np.ndarray:
-        return wh.apply(x) if wh is not None else np.asarray(x, dtype=np.float32)
+        return _unit(wh.apply(x) if wh is not None else np.asarray(x, dtype=np.float32))
 
-    target_w = prep(target_emb)
+    target_u = prep(target_emb)
+    k_max = max(1, min(n, _MAX_BLOCK_ELEMS // n_t, math.ceil(max_ratio * n)))
+    sims, nbr = _topk_per_target(pool_emb, prep, target_u, k_max, chunk=chunk, device=device)
+    k_max = sims.shape[0]
+    grid = sorted({int(round(v)) for v in np.geomspace(1, k_max, n_grid)})
     folds = np.array_split(rng.permutation(n_t), k_folds)
-    # Every distance shares one cost scale (mean cost pool-sample -> target) so the curve's units are comparable.
-    ref_rows = np.sort(rng.choice(n, size=min(subsample, n), replace=False))
-    scale = float(_sq_dists(prep(np.asarray(pool_emb[ref_rows])), target_w).mean())
-    dist = np.zeros((len(rs), k_folds))
-    for k, held in enumerate(folds):
-        if scores is None:
-            train = np.setdiff1d(np.arange(n_t), held)
-            fold_scores = ot_scores(pool_emb, target_emb[train], eps=eps, whiten=whiten, ridge=ridge,
-                                    sample_size=sample_size, seed=seed + k, device=device).score
-        else:
-            fold_scores = scores
-        order = np.argsort(-fold_scores, kind="stable")
-        held_w = target_w[held]
-        b = np.full(held.size, 1.0 / held.size)
-        for i, r in enumerate(rs):
-            top = order[:max(1, math.ceil(r * n))]
-            take = np.sort(rng.choice(top, size=min(subsample, top.size), replace=False))
-            sel_w = prep(np.asarray(pool_emb[take]))
-            cost = _sq_dists(sel_w, held_w) / scale
-            a = np.full(take.size, 1.0 / take.size)
-            if distance_eps > 0:
-                dist[i, k] = float(ot.sinkhorn2(a, b, cost, distance_eps, method="sinkhorn_log"))
-            else:
-                dist[i, k] = float(ot.emd2(a, b, cost))
-    mean = dist.mean(1)
-    best = int(np.argmin(mean))
-    info = {"k": int(math.ceil(rs[best] * n)), "k_folds": k_folds, "subsample": subsample,
-            "distance": "exact ot.emd2" if distance_eps == 0 else f"ot.sinkhorn2 eps={distance_eps}",
-            "cost_scale": scale, "per_fold_scores": scores is None, "seconds": time.perf_counter() - t0}
-    return RatioEstimate(ratio=rs[best], ratios=rs, distance=mean.tolist(), distance_per_fold=dist.tolist(),
-                         info=info)
+    dist = np.full((len(grid), k_folds), np.nan)
+    sizes = np.zeros((len(grid), k_folds), dtype=np.int64)
+    chosen: list[np.ndarray] = []
+    fold_choice: list[int] = []
+    for j, sel_rows in enumerate(folds):
+        ref = target_u[np.setdiff1d(np.arange(n_t), sel_rows)]
+        best_d, best_sel, best_k = math.inf, np.zeros(0, np.int64), 0
+        for i, k in enumerate(grid):
+            block_i, block_v = nbr[:k, sel_rows], sims[:k, sel_rows]
+            sel = np.unique(block_i[block_v > 0])
+            sizes[i, j] = sel.size
+            if sel.size == 0:
+                continue
+            take = sel if sel.size <= subsample else np.sort(rng.choice(sel, size=subsample, replace=False))
+            dist[i, j] = _ot_distance(prep(np.asarray(pool_emb[take])), ref, cost)
+            if dist[i, j] < best_d:
+                best_d, best_sel, best_k = dist[i, j], sel, k
+            elif stop == "first_increase":
+                break
+        chosen.append(best_sel)
+        fold_choice.append(best_k)
+    selected = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    with np.errstate(invalid="ignore"):
+        mean_d = np.nanmean(np.where(np.isnan(dist).all(1, keepdims=True), np.inf, dist), axis=1)
+    info = {"k_folds": k_folds, "k_max": int(k_max), "subsample": subsample, "cost": cost, "stop": stop,
+            "distance": "exact ot.emd2 between uniform measures, reference = the other k-1 folds",
+            "whiten": whitening_method if whiten else None, "whitening_fit": "pool sample + target",
+            "fold_ratios": [float(c.size / n) for c in chosen], "n_selected": int(selected.size),
+            "seconds": time.perf_counter() - t0}
+    return RatioEstimate(ratio=float(selected.size / n), selected=selected, k_grid=grid,
+                         ratios=(sizes.mean(1) / n).tolist(), distance=mean_d.tolist(),
+                         distance_per_fold=dist.tolist(), sizes=sizes.tolist(), fold_choice=fold_choice, info=info)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gradient features (TAROT / LESS route): projected per-sample gradients of a proxy linear head
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyHead:
+    """A multinomial logistic-regression head on standardised embeddings: p = softmax(W [z, 1]), z = (h - mu) / sd."""
+
+    mu: np.ndarray  # [d] float32
+    sd: np.ndarray  # [d] float32
+    weight: np.ndarray  # [C, d + 1] float32 (last column = bias)
+    classes: np.ndarray  # [C] the label values, in code order
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self, h: np.ndarray) -> np.ndarray:
+        z = (np.asarray(h, dtype=np.float32) - self.mu) / self.sd
+        return np.concatenate([z, np.ones((z.shape[0], 1), np.float32)], axis=1)
+
+    def proba(self, h: np.ndarray) -> np.ndarray:
+        logits = self.inputs(h) @ self.weight.T
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+
+def fit_proxy_head(emb: np.ndarray, labels: np.ndarray, *, sample_size: int = 50_000, epochs: int = 10,
+                   lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> ProxyHead:
+    """Trains the proxy linear softmax head (Adam, seeded) on a seeded sample of (embedding, label) rows."""
+    import torch
+
+    emb = _check_emb("emb", emb)
+    labels = np.asarray(labels)
+    if labels.shape != (emb.shape[0],):
+        raise ValueError(f"labels must have shape ({emb.shape[0]},), got {labels.shape}")
+    classes, codes = np.unique(labels, return_inverse=True)
+    if classes.size < 2:
+        raise ValueError("the proxy head needs at least two label values")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(emb.shape[0], size=min(sample_size, emb.shape[0]), replace=False))
+    h = np.asarray(emb[idx], dtype=np.float32)
+    mu, sd = h.mean(0), h.std(0) + 1e-6
+    head = ProxyHead(mu=mu, sd=sd, weight=np.zeros((classes.size, h.shape[1] + 1), np.float32), classes=classes)
+    x = torch.from_numpy(head.inputs(h))
+    y = torch.from_numpy(codes[idx].astype(np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(classes.size, x.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for b in range(0, x.shape[0], batch_size):
+            i = perm[b:b + batch_size]
+            loss = torch.nn.functional.cross_entropy(x[i] @ w.T, y[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float(((x @ w.T).argmax(1) == y).float().mean())
+    head.weight = w.detach().numpy().astype(np.float32)
+    head.info = {"n_train": int(idx.size), "epochs": epochs, "train_acc": acc, "n_classes": int(classes.size)}
+    return head
+
+
+def gradient_features(emb: np.ndarray, head: ProxyHead, labels: np.ndarray | None = None, *, grad_dim: int = 256,
+                      seed: int = 0, chunk: int = 4096) -> np.ndarray:
+    """Per-sample gradients of the head's cross-entropy w.r.t. its weights, JL-projected to ``grad_dim``, streamed.
+
+    For a linear softmax head the gradient is closed-form: dL/dW = (p - y) ⊗ [z, 1] (C x (d+1)). It is projected
+    with a seeded Rademacher matrix R / sqrt(grad_dim) (Johnson-Lindenstrauss), chunk by chunk, never materialising
+    more than ``chunk x C(d+1)``. ``labels=None`` uses the head's predicted label (for target rows without labels,
+    the usual choice of gradient-based selectors when the target is unlabelled); labels outside the head's classes
+    raise. Returns float32 [n, grad_dim].
+    """
+    emb = _check_emb("emb", emb)
+    if grad_dim < 1:
+        raise ValueError(f"grad_dim must be >= 1, got {grad_dim}")
+    n_cls, d1 = head.weight.shape
+    if emb.shape[1] != d1 - 1:
+        raise ValueError(f"emb has d={emb.shape[1]} but the head expects {d1 - 1}")
+    codes = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (emb.shape[0],):
+            raise ValueError(f"labels must have shape ({emb.shape[0]},), got {labels.shape}")
+        pos = np.searchsorted(head.classes, labels)
+        pos = np.clip(pos, 0, n_cls - 1)
+        if not np.all(head.classes[pos] == labels):
+            raise ValueError("labels contain values the proxy head was not trained on")
+        codes = pos
+    rng = np.random.default_rng(seed)
+    proj = (rng.integers(0, 2, size=(n_cls * d1, grad_dim), dtype=np.int8) * 2 - 1).astype(np.float32)
+    proj /= math.sqrt(grad_dim)
+    rows = max(1, min(chunk, _MAX_BLOCK_ELEMS // (n_cls * d1)))
+    out = np.empty((emb.shape[0], grad_dim), dtype=np.float32)
+    for s in range(0, emb.shape[0], rows):
+        h = np.asarray(emb[s:s + rows])
+        z1 = head.inputs(h)
+        p = head.proba(h)
+        y = p.argmax(1) if codes is None else codes[s:s + rows]
+        p[np.arange(p.shape[0]), y] -= 1.0  # p - onehot(y)
+        g = (p[:, :, None] * z1[:, None, :]).reshape(p.shape[0], -1)  # [rows, C(d+1)]
+        out[s:s + rows] = g @ proj
+    return out

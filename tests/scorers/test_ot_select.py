@@ -137,19 +137,103 @@ def test_exact_mode_also_selects_target_domain() -> None:
     assert is_a[top].mean() >= 0.95
 
 
-def test_ratio_estimate_tracks_target_share() -> None:
-    # Target domain = 30 % of the pool. Low dimension and 200 target rows: W2 between empirical measures is biased
-    # toward concentrated selections when d is high and the held-out folds are small (see the docstring).
-    pool, is_a = _two_domains(900, 2100, d=4, seed=10)
-    target = np.random.default_rng(11).normal(size=(200, 4)).astype(np.float32)
-    est = estimate_selection_ratio(pool, target, ratios=(0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0), k_folds=4,
-                                   subsample=300, sample_size=1000, device="cpu")
-    assert 0.2 <= est.ratio <= 0.4
-    assert is_a[np.argsort(-ot_scores(pool, target, sample_size=1000, device="cpu").score)[:est.k]].mean() > 0.9
-    assert len(est.distance) == 8 and len(est.distance_per_fold[0]) == 4
-    # Including the other domain must cost: the full pool is clearly farther than the best ratio.
-    assert est.distance[-1] > 2 * min(est.distance)
-    assert est.k == int(np.ceil(est.ratio * pool.shape[0]))
+@pytest.mark.parametrize("share", [0.15, 0.4])
+def test_otm_ratio_lands_near_the_known_in_domain_share(share: float) -> None:
+    # Pool: a known share of rows from the target's domain (8-d Gaussian around 6 e0), the rest from another domain
+    # (around 6 e1); target = 100 fresh rows of the target domain. TAROT's OTM (per-target neighbourhoods grown until
+    # the OT distance to the other folds stops falling, union over folds) must return about that share.
+    n, d = 4000, 8
+    n_a = int(share * n)
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(n_a, d)), rng.normal(size=(n - n_a, d))
+    a[:, 0] += 6.0
+    b[:, 1] += 6.0
+    pool = np.concatenate([a, b]).astype(np.float32)
+    is_a = np.r_[np.ones(n_a, bool), np.zeros(n - n_a, bool)]
+    target = np.random.default_rng(13).normal(size=(100, d)).astype(np.float32)
+    target[:, 0] += 6.0
+    est = estimate_selection_ratio(pool, target, k_folds=5, n_grid=30, subsample=1500, sample_size=2000, device="cpu")
+    assert 0.7 * share <= est.ratio <= 1.3 * share, (est.ratio, share)
+    assert is_a[est.selected].mean() >= 0.85
+    assert est.k == est.selected.size == len(np.unique(est.selected))
+    assert len(est.distance) == len(est.k_grid) == len(est.ratios) and len(est.distance_per_fold[0]) == 5
+    # The curve is U-shaped: the whole pool is clearly farther than the minimum, and so is a single neighbour.
+    assert est.distance[-1] > 1.2 * min(est.distance) and est.distance[0] > 1.05 * min(est.distance)
+    assert est.ratios == sorted(est.ratios)
+
+
+def test_otm_topk_stream_equals_dense_and_first_increase_stops_early() -> None:
+    from scorers.ot_select import _topk_per_target, _unit
+
+    rng = np.random.default_rng(14)
+    pool = rng.normal(size=(700, 6)).astype(np.float32)
+    tgt = _unit(rng.normal(size=(9, 6)))
+    sims, idx = _topk_per_target(pool, _unit, tgt, 50, chunk=64, device="cpu")
+    dense = _unit(pool) @ tgt.T
+    ref = np.argsort(-dense, axis=0, kind="stable")[:50]
+    np.testing.assert_allclose(sims, np.take_along_axis(dense, ref, 0), atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(dense, idx, 0), sims, atol=1e-6)
+    pool2, _ = _two_domains(600, 1400, d=4, seed=15)
+    target = np.random.default_rng(16).normal(size=(60, 4)).astype(np.float32)
+    full = estimate_selection_ratio(pool2, target, k_folds=3, n_grid=20, device="cpu")
+    early = estimate_selection_ratio(pool2, target, k_folds=3, n_grid=20, stop="first_increase", device="cpu")
+    assert np.isnan(np.asarray(early.distance_per_fold)).any()  # later k never evaluated
+    assert all(ke <= kf for ke, kf in zip(early.fold_choice, full.fold_choice))
+
+
+# --- gradient features ------------------------------------------------------------------------------------------------
+
+
+def test_gradient_features_match_autograd_and_jl_preserves_geometry() -> None:
+    import torch
+
+    from scorers.ot_select import fit_proxy_head, gradient_features
+
+    rng = np.random.default_rng(17)
+    emb = rng.normal(size=(400, 5)).astype(np.float32)
+    labels = np.array(["cat", "dog", "eel"])[emb[:, :3].argmax(1)]
+    head = fit_proxy_head(emb, labels, epochs=30, seed=0)
+    assert head.info["train_acc"] > 0.8
+    # Reference: per-sample autograd gradient of the cross-entropy w.r.t. W, flattened, then the same projection.
+    x = torch.from_numpy(head.inputs(emb[:7]))
+    w = torch.from_numpy(head.weight).requires_grad_(True)
+    codes = np.searchsorted(head.classes, labels[:7])
+    ref = []
+    for i in range(7):
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x[i:i + 1] @ w.T, torch.tensor(codes[i:i + 1])), w)
+        ref.append(g.numpy().reshape(-1))
+    ref = np.stack(ref)
+    exact = gradient_features(emb[:7], head, labels[:7], grad_dim=4096, seed=3, chunk=2)
+    rproj = np.random.default_rng(3).integers(0, 2, size=(ref.shape[1], 4096), dtype=np.int8) * 2 - 1
+    np.testing.assert_allclose(exact, ref @ rproj / np.sqrt(4096), atol=1e-4)
+    # JL: inner products are preserved on average.
+    np.testing.assert_allclose(exact @ exact.T, ref @ ref.T, atol=0.15 * np.abs(ref @ ref.T).max())
+    # Streaming is exact and seeded; labels=None uses the predicted label.
+    np.testing.assert_array_equal(gradient_features(emb, head, labels, grad_dim=32, seed=1, chunk=13),
+                                  gradient_features(emb, head, labels, grad_dim=32, seed=1, chunk=4096))
+    pred = head.classes[head.proba(emb).argmax(1)]
+    np.testing.assert_array_equal(gradient_features(emb, head, None, grad_dim=32, seed=1),
+                                  gradient_features(emb, head, pred, grad_dim=32, seed=1))
+    with pytest.raises(ValueError, match="not trained on"):
+        gradient_features(emb[:3], head, np.array(["cat", "cow", "dog"]))
+
+
+def test_gradient_route_selects_the_target_classes() -> None:
+    from scorers.ot_select import fit_proxy_head, gradient_features
+
+    # Pool: 4 classes in 6-d; the target holds rows of classes 0 and 1 only, unlabelled (predicted labels).
+    rng = np.random.default_rng(18)
+    centers = rng.normal(size=(4, 6)) * 4
+    y = rng.integers(0, 4, size=2000)
+    pool = (centers[y] + rng.normal(size=(2000, 6))).astype(np.float32)
+    yt = rng.integers(0, 2, size=80)
+    target = (centers[yt] + rng.normal(size=(80, 6))).astype(np.float32)
+    head = fit_proxy_head(pool, y, epochs=20, seed=0)
+    gp = gradient_features(pool, head, y, grad_dim=64, seed=0)
+    gt = gradient_features(target, head, None, grad_dim=64, seed=0)
+    res = ot_scores(gp, gt, eps=0.05, sample_size=1000, device="cpu")
+    top = np.argsort(-res.score)[:800]
+    assert np.isin(y[top], (0, 1)).mean() >= 0.9
 
 
 def test_ot_scores_rejects_bad_input() -> None:
@@ -158,7 +242,9 @@ def test_ot_scores_rejects_bad_input() -> None:
         ot_scores(pool, np.zeros((4, 2)))
     with pytest.raises(ValueError, match="eps"):
         ot_scores(pool, np.ones((4, 3)), eps=-1)
-    with pytest.raises(ValueError, match="ratios"):
-        estimate_selection_ratio(pool, np.ones((4, 3)), ratios=(0.0, 2.0))
+    with pytest.raises(ValueError, match="max_ratio"):
+        estimate_selection_ratio(pool, np.ones((4, 3)), k_folds=2, max_ratio=2.0)
+    with pytest.raises(ValueError, match="stop"):
+        estimate_selection_ratio(pool, np.ones((4, 3)), k_folds=2, stop="never")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k_folds"):
         estimate_selection_ratio(pool, np.ones((4, 3)), k_folds=9)
