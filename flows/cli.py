@@ -1,4 +1,4 @@
-"""`winnow` command line: run, deploy, demo, report, validate, summary."""
+"""`winnow` command line: run, deploy, demo, report, validate, summary, distill."""
 from __future__ import annotations
 
 import argparse
@@ -40,11 +40,11 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.curate import curate
+    from flows.curate import run_curate
     from pipeline.config import load_config
 
     cfg = load_config(args.config, _parse_overrides(args.set))
-    info = curate(config=cfg.model_dump(mode="json"))
+    info = run_curate(cfg.model_dump(mode="json"))
     print(format_summary(info, cfg.run_dir / "manifest.parquet"))
     return 0
 
@@ -86,6 +86,22 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from flows.distill import distill
+    from pipeline.distill import load_distill_config
+
+    cfg = load_distill_config(args.config, _parse_overrides(args.set))
+    info = distill(config=cfg.model_dump(mode="json"))
+    ev = info.get("evaluation", {})
+    print(f"winnow distill '{cfg.name}': {info['method']}, {info['counts']['synthetic']} synthetic samples "
+          f"({cfg.ipc} per class) in {cfg.run_dir}")
+    for key in ("synthetic", "random_real"):
+        if key in ev:
+            print(f"  {key:<12} test accuracy {100 * ev[key]['mean']:.2f} ± {100 * ev[key]['std']:.2f} (n={ev[key]['n']})")
+    print(f"  manifest: {cfg.run_dir / 'manifest.parquet'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winnow",
@@ -117,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a manifest file against the schema")
     validate.add_argument("manifest", help="manifest.parquet or its run directory")
     validate.set_defaults(fn=cmd_validate)
+
+    distill = sub.add_parser("distill", help="synthesise a small training set (DM, DM+flip, NCFM-style CF) and evaluate it")
+    distill.add_argument("config", help="path to the distill YAML config (see README 'Dataset distillation')")
+    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set ipc=1")
+    distill.set_defaults(fn=cmd_distill)
 
     summary = sub.add_parser("summary", help="print the summary of a finished run")
     summary.add_argument("run_dir")

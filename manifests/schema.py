@@ -9,6 +9,7 @@ One row a sample. Required columns:
 Optional columns:
     dup_of  string   uid of the sample this one duplicates (exact_dup, semdedup)
     label, location, caption  carried from the source for loaders and queries
+    method  string   how a synthetic row was made (distillation: "dm", "dm+flip", "ncfm", ...)
     status  string   decode status from the store ("ok" or why the bytes could not be used)
     score_<scorer> float32, one per scorer run; orientation recorded in run.json
 The schema version is stored in the Parquet file's key-value metadata under SCHEMA_VERSION_KEY.
@@ -33,6 +34,7 @@ OPTIONAL: dict[str, pl.DataType] = {
     "location": pl.String(),
     "caption": pl.String(),
     "status": pl.String(),
+    "method": pl.String(),
 }
 SCORE_PREFIX = "score_"
 SCORE_DTYPE = pl.Float32()
