@@ -8,10 +8,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from tqdm.auto import tqdm
+from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import io_task, make_task_runner, prefect_fan_out, shared_api
 from pipeline import stages
-from pipeline.config import CurateConfig
+from pipeline.config import CurateConfig, check_before_embedding
 from pipeline.manifest import read_run_info, write_manifest
 from pipeline.store import EmbeddingStore
 
@@ -21,18 +22,10 @@ stage_task = task(cache_policy=NO_CACHE)
 
 @contextmanager
 def _timed(stats: stages.RunStats, name: str):
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     yield
     stats.timings[name] = stats.timings.get(name, 0.0) + time.perf_counter() - start
-
-
-def _io_error_only(task, task_run, state) -> bool:
-    """Retry transient I/O failures only; a bad config or a duplicate uid fails the same way every time."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
-
-
-io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error_only)
+    stats.spans[name] = [stats.spans.get(name, [wall_start])[0], time.time()]
 
 
 @io_task
@@ -52,27 +45,12 @@ def prepare_embedder(cfg: CurateConfig, plan: stages.IngestPlan) -> tuple[Any, E
     return embedder, store
 
 
-@io_task
-def embed_shard(cfg: CurateConfig, plan: stages.IngestPlan, embedder: Any, store: EmbeddingStore, shard: int) -> dict[str, int]:
-    start, stop = plan.shards[shard]
-    with tqdm(total=stop - start, desc=f"embed shard {shard}", unit="img", leave=False, disable=store.is_done(shard)) as bar:
-        counts = stages.embed_shard(cfg, plan, embedder, store, shard, progress=bar.update)
-    return counts
-
-
-@io_task
-def ingest_precomputed(cfg: CurateConfig, plan: stages.IngestPlan) -> EmbeddingStore:
-    return stages.ingest_precomputed(cfg, plan)
-
-
 @stage_task
-def index(cfg: CurateConfig, store: EmbeddingStore):
-    emb, ok_meta = store.load()
-    if len(emb) == 0:
+def open_rows(store: EmbeddingStore):
+    rows, ok_meta = stages.open_rows(store)
+    if len(rows) == 0:
         raise ValueError("no sample could be decoded; nothing to index (see the store's meta for statuses)")
-    kmeans = stages.fit_index(cfg, store, emb)
-    get_run_logger().info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
-    return emb, ok_meta, kmeans
+    return rows, ok_meta
 
 
 @io_task
@@ -80,19 +58,6 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict:
     targets = stages.embed_targets(cfg, embedder)
     get_run_logger().info("targets: %s", {k[:60]: len(v) for k, v in targets.items()})
     return targets
-
-
-@stage_task
-def score(cfg: CurateConfig, store: EmbeddingStore, emb, ok_meta, kmeans, targets):
-    return stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets)
-
-
-@stage_task
-def manifest(cfg: CurateConfig, store: EmbeddingStore, frame, notes, stats: stages.RunStats) -> Path:
-    info = stages.run_info(cfg, store, frame, notes, stats)
-    path = write_manifest(frame, cfg.run_dir, info)
-    get_run_logger().info("manifest: %d rows, %d kept → %s", frame.height, int(frame["keep"].sum()), path)
-    return path
 
 
 @stage_task
@@ -126,40 +91,66 @@ def report(cfg: CurateConfig, info: dict[str, Any]) -> Path | None:
     return path
 
 
-@flow(name="curate", log_prints=True)
+def run_curate(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs the curate flow on the task runner its config names (`runner:`): the entry point for the CLI."""
+    cfg = CurateConfig.model_validate(config)
+    with shared_api(cfg.runner):
+        return curate.with_options(task_runner=make_task_runner(cfg.runner))(config)
+
+
+@flow(name="curate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(config: dict[str, Any]) -> dict[str, Any]:
     """Embeds a dataset, clusters it, runs the configured scorers and writes a Parquet manifest.
 
     `config` is the YAML config as a mapping (see pipeline/config.py); it is validated before any work.
+    Fan-out work (embedding shards, assignment shards, SemDeDup cluster batches) runs as tasks on the flow's
+    task runner (use run_curate to pick it from the config); fan-in work runs once here.
     Returns the run summary (also written as run.json beside the manifest).
     """
     cfg = CurateConfig.model_validate(config)
+    logger = get_run_logger()
     stats = stages.RunStats()
     with _timed(stats, "ingest"):
         plan = ingest(cfg)
+        check_before_embedding(cfg, plan)  # k > N, empty targets, labels: refused before any embedding
     with _timed(stats, "embed"):
         if cfg.source.kind == "precomputed":
             embedder = None
-            store = ingest_precomputed(cfg, plan)
+            store = stages.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
         else:
             embedder, store = prepare_embedder(cfg, plan)
+            # a worker process rebuilds the embedder from the config and the store's saved state
+            local = cfg.runner.kind == "local"
+            calls = [
+                {"cfg": cfg, "source": plan.source, "refs": plan.refs[start:stop], "store_root": store.root, "shard": shard,
+                 "embedder": embedder if local else None}
+                for shard, (start, stop) in enumerate(plan.shards)
+            ]
             status_counts: dict[str, int] = {}
-            for shard in range(len(plan.shards)):
-                for status, count in embed_shard(cfg, plan, embedder, store, shard).items():
+            for counts in prefect_fan_out(stages.embed_shard, calls):
+                for status, count in counts.items():
                     status_counts[status] = status_counts.get(status, 0) + count
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
     stats.counts["store_status"] = _status_counts(store)
     with _timed(stats, "index"):
-        emb, ok_meta, kmeans = index(cfg, store)
+        emb, ok_meta = open_rows(store)
+        kmeans = stages.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
+        logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
     targets = {}
     if any("target" in s.knobs() for s in cfg.steps):
         with _timed(stats, "embed_targets"):
             targets = embed_targets(cfg, embedder)
     with _timed(stats, "score"):
-        frame, notes = score(cfg, store, emb, ok_meta, kmeans, targets)
-    with _timed(stats, "manifest"):
-        path = manifest(cfg, store, frame, notes, stats)
+        frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets, fan_out=prefect_fan_out)
+    with _timed(stats, "manifest"):  # one part per store shard, written as tasks; run.json last
+        rows_per_part = max(stop - start for start, stop in plan.shards)
+        path = write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats),
+                              rows_per_part=rows_per_part, fan_out=prefect_fan_out)
+        logger.info("manifest: %d rows, %d kept → %s", frame.height, int(frame["keep"].sum()), path)
     info = read_run_info(path.parent)
+    # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time
+    info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
+    info["stage_spans"]["manifest"] = stats.spans["manifest"]
     if cfg.report:
         report(cfg, info)
     return info

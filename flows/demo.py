@@ -49,7 +49,7 @@ def demo_config(out: Path) -> dict:
 
 def run_demo(out: Path) -> None:
     from flows.cli import format_summary
-    from flows.curate import curate
+    from flows.curate import run_curate
 
     n = write_digits(out / "digits")
     config = demo_config(out)
@@ -57,5 +57,5 @@ def run_demo(out: Path) -> None:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"demo: {n} digit images in {out / 'digits'}; embedder: pixels (model-free, no weights needed)")
     print(f"demo: config written to {config_path}; the same run is `winnow run {config_path}`")
-    info = curate(config=config)
+    info = run_curate(config)
     print(format_summary(info, Path(config["output_root"]) / config["name"] / "manifest.parquet"))

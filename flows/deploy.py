@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.curate import curate
+from flows.runners import make_task_runner
 from pipeline.config import load_config
 
 
@@ -13,7 +14,9 @@ def build_deployment(config_path: str | Path, *, cron: str, name: str | None = N
     The config is validated now, so a bad config fails at deploy time, not at 3 a.m.
     """
     cfg = load_config(config_path)
-    return curate.to_deployment(
+    # serve() runs the flow in this process: the config's task runner goes with it (a Dask scheduler address or a
+    # Ray cluster for scale-out; Dask and Ray workers need PREFECT_API_URL, which serving requires anyway)
+    return curate.with_options(task_runner=make_task_runner(cfg.runner)).to_deployment(
         name=name or cfg.name,
         cron=cron,
         parameters={"config": cfg.model_dump(mode="json")},

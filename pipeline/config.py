@@ -61,6 +61,21 @@ class IndexConfig(Strict):
     knn: bool = False  # also build a kNN index (flat or IVF by size) and save it beside the store
 
 
+class RunnerConfig(Strict):
+    """Where the fan-out tasks run (embedding shards, assignment shards, cluster batches, manifest parts).
+
+    local: Prefect's thread pool in this process (`workers` threads). dask: prefect-dask's DaskTaskRunner on a new
+    LocalCluster of `workers` processes, or on an existing scheduler at `address`. ray: prefect-ray's RayTaskRunner,
+    local or at `address`. The fan-in stages (k-means fit, DBP quotas, OT potentials) run once in the flow.
+    """
+
+    kind: Literal["local", "dask", "ray"] = "local"
+    workers: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    address: str | None = None  # an existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001)
+    cluster_batches: int = Field(0, ge=0)  # cluster batches per SemDeDup step; 0 = 4 per worker
+
+
 class StepConfig(Strict):
     """One scoring step. `scorer` names it; the other keys are its knobs (see pipeline/steps.py)."""
 
@@ -76,6 +91,7 @@ class CurateConfig(Strict):
     source: SourceConfig
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
+    runner: RunnerConfig = RunnerConfig()
     steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(scorer="exact_dup")])
     store_dir: Path | None = None  # default: <output_root>/<name>/store
     output_root: Path = Path("manifests/runs")
@@ -126,3 +142,72 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
+
+
+# ---- checks that need the ingest plan (run after listing the source, before any embedding) ------------------------
+
+
+def check_plan_size(cfg: CurateConfig, n_samples: int, *, has_labels: bool | None = None) -> None:
+    """Refuses a config that cannot work on `n_samples` listed samples, before anything is embedded.
+
+    n_samples is the number of refs the source lists (an upper bound on the rows that decode): no samples,
+    index.k > n_samples, a keep_fraction that keeps no row, or a labelled scorer on a source without labels
+    (has_labels False; None skips that check) are ValueErrors naming the setting.
+    """
+    from pipeline.steps import NEEDS_LABELS
+
+    if n_samples <= 0:
+        raise ValueError(f"source {cfg.source.arguments()} has no samples")
+    if cfg.index.k > n_samples:
+        raise ValueError(
+            f"index.k = {cfg.index.k} clusters but the source lists only {n_samples} samples; lower index.k"
+        )
+    for position, step in enumerate(cfg.steps):
+        knobs = step.knobs()
+        fraction = knobs.get("keep_fraction")
+        if fraction is not None and round(fraction * n_samples) < 1:
+            raise ValueError(
+                f"step {position} ({step.scorer}): keep_fraction {fraction} of {n_samples} samples keeps no sample"
+            )
+        if has_labels is False and step.scorer in NEEDS_LABELS:
+            raise ValueError(
+                f"step {position} ({step.scorer}) needs labels; the source has none "
+                "(image_folder class subfolders, or a label column)"
+            )
+
+
+def check_targets(cfg: CurateConfig) -> dict[str, int]:
+    """Lists every step's `target` source before any embedding; an empty or missing target set is a ValueError.
+
+    Returns the number of samples of each target, by the step's position and scorer (e.g. "1:ot_target").
+    """
+    from pipeline.sources import source_from_config
+
+    counts: dict[str, int] = {}
+    for position, step in enumerate(cfg.steps):
+        spec = step.knobs().get("target")
+        if spec is None:
+            continue
+        where = f"step {position} ({step.scorer})"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: target must be a source mapping such as {{kind: image_folder, root: ...}}")
+        try:
+            n = len(source_from_config(dict(spec)).refs())
+        except ValueError as exc:  # SourceError, DuplicateUidError
+            raise type(exc)(f"{where}: target {spec}: {exc}") from exc
+        if n == 0:
+            raise ValueError(f"{where}: the target set {spec} is empty")
+        counts[f"{position}:{step.scorer}"] = n
+    return counts
+
+
+def check_before_embedding(cfg: CurateConfig, plan: Any) -> dict[str, int]:
+    """check_plan_size and check_targets for an ingest plan (stages.IngestPlan: `.source`, `.refs`).
+
+    For a precomputed source, whose plan lists no refs, the source's own metadata rows are counted.
+    Returns check_targets' counts.
+    """
+    refs = plan.refs if plan.refs or cfg.source.kind != "precomputed" else plan.source.refs()
+    has_labels = any(r.label is not None for r in refs)
+    check_plan_size(cfg, len(refs), has_labels=has_labels)
+    return check_targets(cfg)

@@ -55,12 +55,22 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
     `training_sample`), and the assignment casts chunk by chunk. Peak extra memory is the sample
     (k·max_points_per_centroid × d float32: 512 MB at k = 1000, 256, d = 512), whatever n is.
     """
+    centroids, gpu = fit_centroids(emb, params, use_gpu=use_gpu)
+    sim, assign = nearest_centroid(emb, centroids, spherical=params.spherical, use_gpu=gpu)
+    return KMeansResult(centroids=centroids, assignment=assign, similarity=sim, params=params, used_gpu=gpu)
+
+
+def fit_centroids(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | None = None) -> tuple[np.ndarray, bool]:
+    """The fan-in half of spherical_kmeans: trains on faiss's sample and returns (unit centroids k × d, used_gpu).
+
+    The assignment half (nearest_centroid) can then run shard by shard, anywhere, with these centroids.
+    """
     n, d = emb.shape
     if params.k < 1:
         raise ValueError(f"k must be at least 1, got {params.k}")
     if params.k > n:
         raise ValueError(f"k={params.k} clusters requested for only {n} embeddings; lower index.k")
-    gpu = faiss_gpu_available() if use_gpu is None else use_gpu
+    gpu = bool(faiss_gpu_available() if use_gpu is None else use_gpu)
     kmeans = faiss.Kmeans(
         d,
         params.k,
@@ -68,7 +78,7 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
         seed=params.seed,
         spherical=params.spherical,
         max_points_per_centroid=params.max_points_per_centroid,
-        gpu=bool(gpu),
+        gpu=gpu,
         verbose=False,
     )
     sample = training_sample(emb, params)
@@ -77,8 +87,7 @@ def spherical_kmeans(emb: np.ndarray, params: KMeansParams, *, use_gpu: bool | N
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     if params.spherical:
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    sim, assign = nearest_centroid(emb, centroids, spherical=params.spherical, use_gpu=gpu)
-    return KMeansResult(centroids=centroids, assignment=assign, similarity=sim, params=params, used_gpu=bool(gpu))
+    return centroids, gpu
 
 
 def training_sample(emb: np.ndarray, params: KMeansParams) -> np.ndarray:

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from manifests.schema import OPTIONAL, REASONS, REQUIRED, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SCORE_DTYPE, SCORE_PREFIX
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import fsync_dir
+from pipeline.faults import failpoint
+from pipeline.checked_parquet import read_checked, to_polars, verify_digest, write_checked
 
 MANIFEST_FILE = "manifest.parquet"
 RUN_FILE = "run.json"
@@ -52,13 +57,15 @@ def validate(frame: pl.DataFrame) -> None:
         raise ManifestError(f"duplicate uids in manifest, e.g. {dup}")
     if frame["keep"].null_count():
         raise ManifestError("keep has nulls")
+    if frame["cluster"].null_count():
+        raise ManifestError("cluster has nulls (use -1 for rows that were not clustered)")
     weight = frame["weight"].to_numpy()
     if not np.isfinite(weight).all() or (weight < 0).any():
         raise ManifestError("weight must be finite and >= 0")
     keep = frame["keep"].to_numpy()
     if (weight[~keep] != 0).any():
         raise ManifestError("dropped rows must have weight 0")
-    kept_with_reason = frame.filter(pl.col("keep") & pl.col("reason").is_not_null()).height
+    kept_with_reason = frame.filter(pl.col("keep") & pl.col("reason").is_not_null() & (pl.col("reason") != "synthetic")).height
     if kept_with_reason:
         raise ManifestError(f"{kept_with_reason} kept rows carry a drop reason")
     dropped_without = frame.filter(~pl.col("keep") & pl.col("reason").is_null()).height
@@ -69,55 +76,133 @@ def validate(frame: pl.DataFrame) -> None:
         raise ManifestError(f"unknown reasons {sorted(bad_reasons)}; allowed: {REASONS}")
 
 
-def write_manifest(frame: pl.DataFrame, out_dir: str | Path, run_info: dict[str, Any]) -> Path:
-    """Validates and writes manifest.parquet (with its schema version) and run.json, each atomically.
+def write_manifest(
+    frame: pl.DataFrame,
+    out_dir: str | Path,
+    run_info: dict[str, Any],
+    *,
+    rows_per_part: int | None = None,
+    fan_out: Callable[[Callable[..., Any], list[dict[str, Any]]], list[Any]] | None = None,
+) -> Path:
+    """Validates and writes the manifest as a directory of Parquet parts, plus run.json; returns the directory.
 
-    run.json is written after the manifest: a run.json present means the manifest beside it is complete.
+    <out_dir>/manifest.parquet/part-00000.parquet, ...: consecutive slices of `frame` (in its order) of
+    `rows_per_part` rows (one part by default), each with the schema version and a content checksum in its
+    metadata; `fan_out` writes them as parallel tasks. Polars and pyarrow read the directory as one table
+    (pl.scan_parquet("<run>/manifest.parquet")). The parts and run.json go to temporary names first; only then
+    is the old run.json removed, the old manifest moved aside, the new one renamed into place and run.json
+    last. So a failure while writing (a full disk, a crash, an unserialisable run_info) leaves the previous
+    manifest and run.json exactly as they were, and a run.json present means the manifest beside it is complete.
     """
     out_dir = Path(out_dir)
     frame = conform(frame)
     validate(frame)
-    table = frame.to_arrow()
-    meta = dict(table.schema.metadata or {})
-    meta[SCHEMA_VERSION_KEY.encode()] = str(SCHEMA_VERSION).encode()
-    table = table.replace_schema_metadata(meta)
+    run_text = json.dumps(run_info, indent=2, sort_keys=True, default=_json_default)
     path = out_dir / MANIFEST_FILE
-    (out_dir / RUN_FILE).unlink(missing_ok=True)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    atomic_write_text(out_dir / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True, default=_json_default))
+    run_path = out_dir / RUN_FILE
+    step = max(1, rows_per_part or frame.height)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(f".{MANIFEST_FILE}.*.tmp"), *out_dir.glob(f".{MANIFEST_FILE}.*.old"), *out_dir.glob(f".{RUN_FILE}.*.tmp")]:
+        # what a killed writer left behind (its finally block never ran); one writer per run directory
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    token = uuid.uuid4().hex[:8]
+    staging = out_dir / f".{MANIFEST_FILE}.{token}.tmp"
+    aside = out_dir / f".{MANIFEST_FILE}.{token}.old"
+    tmp_run = out_dir / f".{RUN_FILE}.{token}.tmp"
+    staging.mkdir()
+    try:
+        calls = [{"part": frame.slice(start, step), "path": staging / f"part-{i:05d}.parquet"}
+                 for i, start in enumerate(range(0, max(frame.height, 1), step))]
+        (fan_out or _serial)(write_part, calls)
+        fsync_dir(staging)
+        with open(tmp_run, "w") as fh:
+            fh.write(run_text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        run_path.unlink(missing_ok=True)  # from here until the last rename the run reads as unfinished
+        failpoint("manifest_commit")
+        if path.exists() or path.is_symlink():
+            os.replace(path, aside)
+        os.replace(staging, path)
+        os.replace(tmp_run, run_path)
+        fsync_dir(out_dir)
+    finally:
+        for leftover in (staging, aside, tmp_run):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
     return path
 
 
-def read_manifest(path: str | Path) -> pl.DataFrame:
-    """Reads a manifest file (or the manifest.parquet inside a run directory) and validates it."""
+def write_part(part: pl.DataFrame, path: Path) -> int:
+    """One manifest part file (schema version + content checksum), fsynced; returns its rows."""
+    write_checked(part.to_arrow(), path, extra={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return part.height
+
+
+def _serial(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
+    return [fn(**call) for call in calls]
+
+
+def manifest_parts(path: str | Path) -> list[Path]:
+    """The Parquet files of a manifest: the parts of a manifest directory (or a run directory's), or one file."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not path.name.endswith(".parquet"):
         path = path / MANIFEST_FILE
+    if path.is_dir():
+        parts = sorted(path.glob("part-*.parquet"))
+        if not parts:
+            raise ManifestError(f"{path} holds no part-*.parquet files")
+        return parts
     if not path.exists():
         raise ManifestError(f"no manifest at {path}")
+    return [path]
+
+
+def read_manifest(path: str | Path) -> pl.DataFrame:
+    """Reads a manifest (a run directory, its manifest.parquet directory of parts, or one part file) and validates it."""
+    frames = [_read_part(part) for part in manifest_parts(path)]
+    frame = pl.concat(frames) if len(frames) > 1 else frames[0]
     try:
-        file_meta = pq.read_schema(path).metadata or {}
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
-        raise ManifestError(f"{path} is not a readable Parquet file: {exc}") from exc
-    version = file_meta.get(SCHEMA_VERSION_KEY.encode())
+        validate(frame)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+    return frame
+
+
+def _read_part(path: Path) -> pl.DataFrame:
+    # pyarrow, not polars: polars can abort the process on a damaged page; the content checksum is verified here.
+    table = read_checked(path, ManifestError, verify=False)
+    version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY.encode())
     if version is None:
         raise ManifestError(f"{path} has no {SCHEMA_VERSION_KEY} metadata: not a winnow manifest")
-    if int(version) != SCHEMA_VERSION:
-        raise ManifestError(f"{path} has manifest schema v{int(version)}; this winnow reads v{SCHEMA_VERSION}")
     try:
-        frame = pl.read_parquet(path)
-    except Exception as exc:
-        raise ManifestError(f"{path} is not a readable Parquet file: {exc}") from exc
-    validate(frame)
-    return frame
+        number = int(version)
+    except ValueError:
+        raise ManifestError(f"{path} has an unreadable schema version {version[:20]!r}") from None
+    if number != SCHEMA_VERSION:
+        raise ManifestError(f"{path} has manifest schema v{number}; this winnow reads v{SCHEMA_VERSION}")
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{path}: manifest lacks required columns {missing}")
+    verify_digest(table, path, ManifestError)
+    return to_polars(table, path, ManifestError)
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     if not path.exists():
         raise ManifestError(f"no {RUN_FILE} in {run_dir}: the run did not finish")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON (damaged?): {exc}") from exc
+    if not isinstance(info, dict):
+        raise ManifestError(f"{path} must hold a JSON object, found {type(info).__name__}")
+    return info
 
 
 def _json_default(value: Any) -> Any:

@@ -623,6 +623,11 @@ class PrecomputedSource(Source):
         self._shard_sizes = sizes
         return refs
 
+    def shard_sizes(self) -> list[int]:
+        """Rows per (embedding, metadata) file pair, in order (validated by refs())."""
+        self.refs()
+        return list(self._shard_sizes)
+
     def iter_shards(self) -> Iterator[tuple[list[SampleRef], np.ndarray]]:
         """Yields (refs, float32 embeddings) per shard pair, after validating every pair and uid up front.
 

@@ -18,9 +18,12 @@ import polars as pl
 
 from pipeline.atomic import atomic_path
 from pipeline.config import CurateConfig
-from pipeline.index import KMeansParams, KMeansResult, artefact_key, load_kmeans, save_kmeans, spherical_kmeans
-from pipeline.steps import STEPS, ScoringContext, run_steps
-from pipeline.store import EmbeddingStore, StoreInfo, shard_ranges
+from pipeline.device import faiss_gpu_available
+from pipeline.faults import failpoint
+from pipeline.index import KMeansParams, KMeansResult, artefact_key, fit_centroids
+from pipeline.rows import StoreRows
+from pipeline.steps import STEPS, FanOut, ScoringContext, run_steps
+from pipeline.store import META_SCHEMA, EmbeddingStore, StoreInfo, shard_ranges
 
 log = logging.getLogger("winnow")
 
@@ -40,6 +43,7 @@ class RunStats:
 
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
+    spans: dict[str, list[float]] = field(default_factory=dict)  # stage → [first start, last end], Unix time
 
 
 def plan_ingest(cfg: CurateConfig) -> IngestPlan:
@@ -47,15 +51,16 @@ def plan_ingest(cfg: CurateConfig) -> IngestPlan:
     from pipeline.sources import source_from_config
 
     source = source_from_config(cfg.source.arguments())
-    if cfg.source.kind == "precomputed":
-        return IngestPlan(source=source, refs=[], shards=[])
     refs = source.refs()
     if not refs:
         raise ValueError(f"source {cfg.source.arguments()} has no samples")
+    if cfg.source.kind == "precomputed":  # one store shard per embedding file
+        ends = np.cumsum(source.shard_sizes()).tolist()
+        return IngestPlan(source=source, refs=refs, shards=list(zip([0, *ends[:-1]], ends)))
     return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size))
 
 
-def make_embedder(cfg: CurateConfig, plan: IngestPlan, store: EmbeddingStore) -> Any:
+def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingStore) -> Any:
     """Builds the configured embedder; the pixels embedder's PCA is fitted once and kept in the store."""
     from pipeline.embed import ClipEmbedder, PixelsEmbedder
 
@@ -115,49 +120,86 @@ def init_store(cfg: CurateConfig, plan: IngestPlan, embedder: Any, dim: int) -> 
 
 
 def embed_shard(
-    cfg: CurateConfig, plan: IngestPlan, embedder: Any, store: EmbeddingStore, shard: int, progress: Callable[[int], None] | None = None
+    cfg: CurateConfig, source: Any, refs: list[Any], store_root: str | Path, shard: int, *, embedder: Any = None
 ) -> dict[str, int]:
-    """Embeds one shard into the store unless it is already done. Returns counts by status."""
+    """Embeds one shard (its refs only) into the store unless it is already done. Returns counts by status.
+
+    Without `embedder` (a Dask or Ray worker) the embedder is rebuilt from the config and the store's saved
+    state, once per process. Inside a daemonic worker process (Dask's) images are decoded in-process:
+    such a process cannot start DataLoader workers.
+    """
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
     from pipeline.embed import embed_refs
 
+    store = EmbeddingStore(store_root)
     if store.is_done(shard):
         return {"skipped": 1}
-    start, stop = plan.shards[shard]
-    result = embed_refs(
-        plan.source,
-        plan.refs[start:stop],
-        embedder,
-        batch_size=cfg.embed.batch_size,
-        num_workers=cfg.embed.num_workers,
-        max_side=cfg.embed.max_side,
-        progress=progress,
-    )
+    embedder = embedder if embedder is not None else worker_embedder(cfg, store.root)
+    num_workers = 0 if multiprocessing.current_process().daemon else cfg.embed.num_workers
+    with tqdm(total=len(refs), desc=f"embed shard {shard}", unit="img", leave=False) as bar:
+        result = embed_refs(
+            source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
+            progress=bar.update,
+        )
     store.write_shard(shard, result.embeddings, result.meta)
+    failpoint("embed_shard")
     statuses = [m["status"] for m in result.meta]
     return {s: statuses.count(s) for s in set(statuses)}
 
 
-def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan) -> EmbeddingStore:
-    """Copies precomputed embeddings (LAION/DataComp layout) into a store, one source shard per store shard."""
-    shards = list(plan.source.iter_shards())
-    if not shards:
+_WORKER_EMBEDDERS: dict[tuple[str, str], Any] = {}
+
+
+def worker_embedder(cfg: CurateConfig, store_root: Path) -> Any:
+    """The run's embedder rebuilt in a worker process (kept for the process's later shards)."""
+    key = (cfg.embed.model_dump_json(), str(store_root))
+    if key not in _WORKER_EMBEDDERS:
+        if cfg.embed.kind == "pixels" and not (store_root / EMBEDDER_STATE_FILE).exists():
+            raise ValueError(f"{store_root / EMBEDDER_STATE_FILE} missing: the flow fits the pixels embedder before embedding")
+        _WORKER_EMBEDDERS[key] = make_embedder(cfg, None, EmbeddingStore(store_root))
+    return _WORKER_EMBEDDERS[key]
+
+
+def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan, fan_out: FanOut | None = None) -> EmbeddingStore:
+    """Copies precomputed embeddings (LAION/DataComp layout) into a store, one embedding file per store shard
+    (one task per file with a fan_out)."""
+    if not plan.shards:
         raise ValueError("the precomputed source has no shards")
-    dim = shards[0][1].shape[1]
-    plan.shards = [(0, 0)] * len(shards)
-    store = init_store(cfg, plan, None, dim)
-    for shard, (refs, emb) in enumerate(shards):
-        if store.is_done(shard):
-            continue
-        emb = np.asarray(emb, dtype=np.float32)
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        ok = np.isfinite(emb).all(axis=1) & (norms[:, 0] > 0)
-        meta = [
-            {"uid": r.uid, "location": r.location, "label": r.label, "caption": r.caption, "sha1": None,
-             "width": 0, "height": 0, "status": "ok" if good else "bad_embedding"}
-            for r, good in zip(refs, ok)
-        ]
-        store.write_shard(shard, emb[ok] / norms[ok], meta)
+    header = np.load(plan.source.emb_paths[0], mmap_mode="r")
+    store = init_store(cfg, plan, None, header.shape[1])
+    calls = [{"source": plan.source, "refs": plan.refs[start:stop], "store_root": store.root, "shard": shard}
+             for shard, (start, stop) in enumerate(plan.shards)]
+    (fan_out or serial_fan_out)(ingest_precomputed_shard, calls)
     return store
+
+
+def ingest_precomputed_shard(source: Any, refs: list[Any], store_root: str | Path, shard: int) -> dict[str, int]:
+    """One embedding file into store shard `shard`: rows L2-normalised in float32 chunk by chunk; zero, NaN or Inf
+    rows become meta rows with status bad_embedding. Skipped when the shard is done."""
+    store = EmbeddingStore(store_root)
+    if store.is_done(shard):
+        return {"skipped": 1}
+    emb = np.load(source.emb_paths[shard], mmap_mode="r")
+    if emb.shape[0] != len(refs):
+        raise ValueError(f"{source.emb_paths[shard]} has {emb.shape[0]} rows, expected {len(refs)}")
+    ok = np.zeros(len(refs), dtype=bool)
+    unit = np.empty(emb.shape, dtype=np.float32)
+    for s in range(0, len(refs), 65_536):
+        x = np.asarray(emb[s:s + 65_536], dtype=np.float32)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
+        ok[s:s + len(x)] = good
+        unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
+    meta = [
+        {"uid": r.uid, "location": r.location, "label": r.label, "caption": r.caption, "sha1": None,
+         "width": 0, "height": 0, "status": "ok" if good else "bad_embedding"}
+        for r, good in zip(refs, ok.tolist())
+    ]
+    store.write_shard(shard, unit[ok], meta)
+    return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
 
 def target_key(target: dict[str, Any]) -> str:
@@ -188,8 +230,8 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
             if embedder is None:
                 raise ValueError("an image target needs an image embedder; with precomputed embeddings give a precomputed target")
             store = init_store(sub, plan, embedder, embedder.dim)
-            for shard in range(len(plan.shards)):
-                embed_shard(sub, plan, embedder, store, shard)
+            for shard, (start, stop) in enumerate(plan.shards):
+                embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
         emb, _ = store.load()
         if len(emb) == 0:
             raise ValueError(f"target {spec} has no usable samples")
@@ -197,25 +239,87 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
     return targets
 
 
-def fit_index(cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray) -> KMeansResult:
-    """Spherical k-means over the store, cached under <store>/index keyed by store fingerprint and params."""
-    params = KMeansParams(
-        k=cfg.index.k, niter=cfg.index.niter, seed=cfg.index.seed, max_points_per_centroid=cfg.index.max_points_per_centroid
-    )
+def serial_fan_out(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
+    """The fan-out of a run without a task runner: every call in this process, in order."""
+    return [fn(**call) for call in calls]
+
+
+def open_rows(store: EmbeddingStore) -> tuple[StoreRows, pl.DataFrame]:
+    """The store's ok embeddings as a lazy n × d view (nothing read yet) and their meta rows."""
+    store.check_complete()
+    info = store.info()
+    paths, metas = [], []
+    for shard, _, meta in store.iter_shards():  # checks every shard's row count and width against its meta
+        paths.append(store.emb_path(shard))
+        metas.append(meta.filter(pl.col("status") == "ok"))
+    rows = StoreRows.open(paths, dim=info.dim, dtype=info.dtype)
+    return rows, (pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA))
+
+
+def kmeans_params(cfg: CurateConfig) -> KMeansParams:
+    i = cfg.index
+    return KMeansParams(k=i.k, niter=i.niter, seed=i.seed, max_points_per_centroid=i.max_points_per_centroid)
+
+
+def fit_index(cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray, fan_out: FanOut = serial_fan_out) -> KMeansResult:
+    """Spherical k-means over the store: centroids fitted once on faiss's sample (the fan-in), then every shard
+    assigned on its own (the fan-out, one task per shard). Artefacts are cached under <store>/index keyed by the
+    store's fingerprint and the parameters; a rerun reassigns only the shards without a saved assignment."""
+    params = kmeans_params(cfg)
     if params.k > len(emb):
         raise ValueError(f"index.k = {params.k} but the store holds only {len(emb)} usable embeddings; lower index.k")
     key = artefact_key(store.fingerprint(), params)
-    cached = load_kmeans(store.root / "index", key)
-    if cached is not None:
-        return cached
-    result = spherical_kmeans(emb, params)
-    save_kmeans(result, store.root / "index", key)
-    if cfg.index.knn:
+    index_dir = store.root / "index"
+    centroids_path = index_dir / f"centroids-{key}.npz"
+    if centroids_path.exists():
+        with np.load(centroids_path, allow_pickle=False) as data:
+            centroids, used_gpu = data["centroids"], bool(data["used_gpu"])
+    else:
+        centroids, used_gpu = fit_centroids(emb, params)
+        with atomic_path(centroids_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, centroids=centroids, used_gpu=used_gpu)
+    shards = store.done_shards()
+    fan_out(assign_shard, [{"store_root": store.root, "shard": s, "centroids": centroids, "key": key} for s in shards])
+    parts = [np.load(_assignment_path(store.root, key, s), allow_pickle=False) for s in shards]
+    result = KMeansResult(
+        centroids=centroids,
+        assignment=np.concatenate([p["assignment"] for p in parts]) if parts else np.empty(0, np.int32),
+        similarity=np.concatenate([p["similarity"] for p in parts]) if parts else np.empty(0, np.float32),
+        params=params,
+        used_gpu=used_gpu,
+    )
+    if cfg.index.knn and not (index_dir / f"knn-{key}.faiss").exists():
         from pipeline.index import KnnParams, build_knn_index, save_knn_index
 
         index, info = build_knn_index(emb, KnnParams(seed=cfg.index.seed))
-        save_knn_index(index, info, store.root / "index", key)
+        save_knn_index(index, info, index_dir, key)
     return result
+
+
+def _assignment_path(store_root: Path, key: str, shard: int) -> Path:
+    return Path(store_root) / "index" / f"assign-{key}" / f"{shard:05d}.npz"
+
+
+def assign_shard(store_root: str | Path, shard: int, centroids: np.ndarray, key: str) -> int:
+    """Nearest centroid (and its similarity) for every ok row of one shard, saved atomically; returns the rows
+    assigned (0 when a saved assignment exists). Reads the shard through a memory map, chunk by chunk."""
+    from pipeline.index import nearest_centroid
+    from pipeline.store import StoreError
+
+    path = _assignment_path(Path(store_root), key, shard)
+    if path.exists():
+        return 0
+    store = EmbeddingStore(store_root)
+    emb = store.read_embeddings(shard)
+    sim, ids = nearest_centroid(emb, centroids, spherical=True, use_gpu=faiss_gpu_available())
+    if not np.isfinite(sim).all():
+        raise StoreError(f"store {store.root} holds NaN or Inf embeddings (shard {shard})")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, assignment=ids, similarity=sim)
+    failpoint("assign_shard")
+    return len(ids)
 
 
 def score_and_assemble(
@@ -225,6 +329,7 @@ def score_and_assemble(
     ok_meta: pl.DataFrame,
     kmeans: KMeansResult,
     targets: dict[str, np.ndarray] | None = None,
+    fan_out: FanOut | None = None,
 ) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Runs the configured steps and assembles manifest rows for every sample, unusable ones included."""
     uids = ok_meta["uid"].to_numpy().astype(object)
@@ -240,6 +345,8 @@ def score_and_assemble(
         seed=cfg.seed,
         device=cfg.embed.device,
         targets=targets or {},
+        fan_out=fan_out,
+        cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
     )
     columns, notes = run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])
     return _assemble(store, ok_meta, kmeans, columns), notes
@@ -298,6 +405,7 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, n
         "steps": notes,
         "orientation": {name: STEPS[name].orientation for name in {s.scorer for s in cfg.steps}},
         "timings_s": {k: round(v, 3) for k, v in stats.timings.items()},
+        "stage_spans": stats.spans,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -16,12 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.faults import failpoint
 from pipeline.index import KMeansResult
+
+
+# fan_out(fn, calls) runs fn(**call) for every call (as Prefect tasks, on any task runner) and returns the results in order.
+FanOut = Callable[[Callable[..., Any], list[dict[str, Any]]], list[Any]]
 
 
 @dataclass
 class ScoringContext:
-    emb: np.ndarray  # n × d float32, unit rows
+    emb: np.ndarray  # n × d unit rows (float16/32), or a lazy pipeline.rows.StoreRows over the store's shards
     uids: np.ndarray  # n str (object)
     labels: np.ndarray | None  # n str (object) or None when the source has no labels
     sha1: np.ndarray  # n str (object)
@@ -31,6 +36,8 @@ class ScoringContext:
     seed: int = 0
     device: str = "auto"
     targets: dict[str, np.ndarray] = field(default_factory=dict)  # embedded target sets, by stages.target_key
+    fan_out: FanOut | None = None  # runs per-cluster work as tasks on the run's task runner; None = in this process
+    cluster_batches: int = 1  # how many batches of clusters fan_out gets
 
 
 @dataclass
@@ -56,6 +63,10 @@ class StepSpec:
 def budget_for(ctx: ScoringContext, keep_fraction: float) -> int:
     """Rows to keep for a fraction of all scorable rows; an error if earlier steps already left fewer."""
     budget = int(round(keep_fraction * ctx.n_scorable))
+    if budget < 1:
+        raise ValueError(
+            f"keep_fraction {keep_fraction} of {ctx.n_scorable} scorable rows keeps no row; raise keep_fraction"
+        )
     alive = int(ctx.alive.sum())
     if budget > alive:
         raise ValueError(
@@ -108,7 +119,8 @@ def _alive_view(ctx: ScoringContext) -> tuple[np.ndarray, np.ndarray, np.ndarray
     rows = np.flatnonzero(ctx.alive)
     if len(rows) == len(ctx.alive):  # nothing dropped yet: no copy of the embeddings (1 GB at 1M × 512 float16)
         return rows, ctx.emb, ctx.kmeans.assignment, ctx.uids
-    return rows, ctx.emb[rows], ctx.kmeans.assignment[rows], ctx.uids[rows]
+    emb = ctx.emb.subset(rows) if hasattr(ctx.emb, "subset") else ctx.emb[rows]  # a store view stays lazy
+    return rows, emb, ctx.kmeans.assignment[rows], ctx.uids[rows]
 
 
 def _scatter(n: int, rows: np.ndarray, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
@@ -141,8 +153,7 @@ def step_semdedup(
     grid = sorted({float(e) for e in (eps_grid or [])} | ({float(eps)} if eps is not None else set()))
     # dup_of is resolved up to the largest eps passed; when eps is solved for afterwards, pass the widest (2.0).
     widest = [2.0] if eps is None else []
-    result = semdedup(emb, clusters, ctx.kmeans.centroids, uids, eps=grid + widest, keep=keep, batch_size=batch_size,
-                      device=ctx.device, seed=ctx.seed)
+    result = _semdedup_fanned_out(ctx, emb, clusters, uids, eps=grid + widest, keep=keep, batch_size=batch_size)
     if eps is None:
         eps = eps_for_keep_fraction(result.max_sim, target_keep_fraction)
     is_dup = duplicate_mask(result.max_sim, eps)
@@ -160,6 +171,52 @@ def step_semdedup(
         dup_of=dup_of,
         info={"eps": float(eps), "keep": keep, "entering": len(rows), "kept_by_eps": curve},
     )
+
+
+def _semdedup_fanned_out(ctx: ScoringContext, emb: Any, clusters: np.ndarray, uids: np.ndarray, **knobs: Any) -> Any:
+    """SemDeDup over batches of whole clusters, as tasks on the run's task runner when there is one.
+
+    A row's result depends only on its own cluster (ranked in uid order, ties by uid), so running batches of
+    clusters separately and scattering back gives exactly the one-call result. keep: random ranks by a
+    permutation of the uid order of all rows, so it runs as one call.
+    """
+    from scorers.semdedup import SemDedupResult, semdedup
+
+    common = {"centroids": ctx.kmeans.centroids, "device": ctx.device, "seed": ctx.seed, **knobs}
+    batches = cluster_batches(clusters, ctx.cluster_batches) if ctx.fan_out is not None and knobs["keep"] != "random" else []
+    if len(batches) < 2:
+        return semdedup(emb, clusters, uids=uids, **common)
+    gather = emb.subset if hasattr(emb, "subset") else emb.__getitem__  # a lazy store view travels as paths
+    parts = ctx.fan_out(semdedup, [{"emb": gather(rows), "cluster_ids": clusters[rows], "uids": uids[rows], **common} for rows in batches])
+    n = len(clusters)
+    out = SemDedupResult(max_sim=np.empty(n, np.float32), dup_of=np.empty(n, np.int64), rank=np.empty(n, np.int64),
+                         dist_to_centroid=np.empty(n, np.float32), duplicate={e: np.empty(n, bool) for e in parts[0].duplicate})
+    for rows, part in zip(batches, parts):
+        out.max_sim[rows] = part.max_sim
+        out.dup_of[rows] = np.where(part.dup_of >= 0, rows[np.maximum(part.dup_of, 0)], -1)
+        out.rank[rows] = part.rank
+        out.dist_to_centroid[rows] = part.dist_to_centroid
+        for e, mask in part.duplicate.items():
+            out.duplicate[e][rows] = mask
+    return out
+
+
+def cluster_batches(clusters: np.ndarray, n_batches: int) -> list[np.ndarray]:
+    """Row indices cut into at most n_batches groups of whole clusters with about equal pairwise work (Σ size²).
+
+    Greedy: largest cluster first, into the lightest batch. Rows inside a batch are in ascending order.
+    """
+    sizes = np.bincount(clusters)
+    present = np.flatnonzero(sizes)
+    n_batches = max(1, min(n_batches, len(present)))
+    load = np.zeros(n_batches)
+    batch_of = np.empty(len(sizes), dtype=np.int64)
+    for c in present[np.argsort(-sizes[present], kind="stable")]:
+        b = int(np.argmin(load))
+        batch_of[c] = b
+        load[b] += float(sizes[c]) ** 2
+    row_batch = batch_of[clusters]
+    return [rows for b in range(n_batches) if len(rows := np.flatnonzero(row_batch == b))]
 
 
 def step_dbp(
@@ -342,31 +399,54 @@ def step_ot_target(
     estimate_ratio: bool = False,
     eps: float = 0.05,
     whiten: bool = True,
+    features: str = "embedding",
+    grad_dim: int = 256,
+    k_folds: int = 5,
 ) -> StepOutput:
     """Targeted selection by optimal transport (TAROT, vita-epfl; per-sample values as in LAVA / GOT-D).
 
     Whitened features; entropic OT between a pool sample and the embedded `target` set (POT) gives the target
     potential g; every alive row's score is minus its c-transform (streamed in chunks, never N×|T|), so
     score_ot: higher = closer to the target domain. Keeps the top `keep_fraction` of all rows, or with
-    `estimate_ratio` the share that minimises the OT distance to held-out target folds (the ratio goes to run.json).
+    `estimate_ratio` TAROT's OT-distance minimisation (k_folds over the target, per-target neighbourhoods grown until
+    the OT distance to the other folds stops falling) estimates the ratio, and the top ratio·N rows by score_ot are
+    kept (ratio, OTM union size and the distance curve go to run.json).
+    `features`: "embedding" (default) or "gradient" — projected per-sample gradients (`grad_dim`, seeded Rademacher
+    JL) of a proxy linear softmax head trained on the alive rows' embeddings and labels (needs labels); target rows
+    carry no labels, so their gradients use the head's predicted label.
     """
     from pipeline.stages import target_key
-    from scorers.ot_select import estimate_selection_ratio, ot_scores
+    from scorers.ot_select import estimate_selection_ratio, fit_proxy_head, gradient_features, ot_scores
 
     if (keep_fraction is None) == (not estimate_ratio):
         raise ValueError("ot_target needs exactly one of keep_fraction or estimate_ratio: true")
+    if features not in ("embedding", "gradient"):
+        raise ValueError(f"ot_target features must be 'embedding' or 'gradient', got {features!r}")
     target_emb = ctx.targets.get(target_key(target))
     if target_emb is None:
         raise ValueError(f"target {target} was not embedded before scoring")
     rows = np.flatnonzero(ctx.alive)
-    result = ot_scores(ctx.emb[rows], target_emb, eps=eps, whiten=whiten, seed=ctx.seed, device=ctx.device)
+    pool_x, target_x = ctx.emb[rows], target_emb
+    info: dict[str, Any] = {"eps": eps, "whiten": whiten, "target_rows": len(target_emb), "features": features}
+    if features == "gradient":
+        labels = _labels_or_error(ctx, "ot_target with features: gradient")
+        head = fit_proxy_head(pool_x, labels[rows], seed=ctx.seed)
+        pool_x = gradient_features(pool_x, head, labels[rows], grad_dim=grad_dim, seed=ctx.seed)
+        target_x = gradient_features(target_emb, head, None, grad_dim=grad_dim, seed=ctx.seed)
+        info.update(grad_dim=grad_dim, proxy_head=head.info, target_labels="predicted by the proxy head")
+    # Gradient rows are scaled to unit norm after whitening (TAROT): their length mostly says how confidently the head
+    # fits a row, so without it every well-fitted row of any domain sits next to the target.
+    result = ot_scores(pool_x, target_x, eps=eps, whiten=whiten, seed=ctx.seed, device=ctx.device,
+                       normalize=features == "gradient")
     n = len(ctx.uids)
     scores = _scatter(n, rows, result.score)
-    info: dict[str, Any] = {"eps": eps, "whiten": whiten, "target_rows": len(target_emb), **result.info}
+    info.update(result.info)
     if estimate_ratio:
-        estimate = estimate_selection_ratio(ctx.emb[rows], target_emb, result.score, eps=eps, whiten=whiten,
-                                            seed=ctx.seed, device=ctx.device)
-        info.update(estimated_ratio=estimate.ratio, ratio_curve=dict(zip(map(str, estimate.ratios), estimate.distance)))
+        estimate = estimate_selection_ratio(pool_x, target_x, k_folds=k_folds, whiten=whiten, seed=ctx.seed,
+                                            device=ctx.device)
+        info.update(estimated_ratio=estimate.ratio, otm_selected=estimate.k, otm=estimate.info,
+                    ratio_curve={"neighbours_per_target": estimate.k_grid, "mean_selected_fraction": estimate.ratios,
+                                 "mean_ot_distance": estimate.distance})
         keep_fraction = max(1, int(np.ceil(estimate.ratio * len(rows)))) / ctx.n_scorable
     drop, note = select_among_alive(ctx, scores, keep_fraction, rule="hard", class_balanced=False)
     return StepOutput(scores={"score_ot": scores}, drop=drop, info={**info, **note})
@@ -419,7 +499,7 @@ STEPS: dict[str, StepSpec] = {
     "ot_target": StepSpec(
         step_ot_target,
         "ot",
-        frozenset({"target", "keep_fraction", "estimate_ratio", "eps", "whiten"}),
+        frozenset({"target", "keep_fraction", "estimate_ratio", "eps", "whiten", "features", "grad_dim", "k_folds"}),
         "score_ot: minus the c-transform of the target's OT potential; higher = closer to the target domain",
     ),
 }
@@ -431,17 +511,57 @@ def register_step(name: str, spec: StepSpec) -> None:
     STEPS[name] = spec
 
 
+# Steps that train on labels: a source without labels is refused before embedding (config.check_plan_size).
+NEEDS_LABELS = frozenset({"el2n", "aum", "coreset_weight"})
+# Knob pairs of which a step needs exactly one (a false `estimate_ratio` counts as absent).
+_EXACTLY_ONE: dict[str, tuple[str, str]] = {
+    "semdedup": ("eps", "target_keep_fraction"),
+    "ot_target": ("keep_fraction", "estimate_ratio"),
+}
+# Fraction knobs: (low, high, high included).
+_FRACTIONS: dict[str, tuple[float, float, bool]] = {
+    "keep_fraction": (0.0, 1.0, True),
+    "target_keep_fraction": (0.0, 1.0, True),
+    "coreset_fraction": (0.0, 1.0, True),
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
 def check_steps(steps: list[tuple[str, dict[str, Any]]]) -> None:
-    """Validates step names and knobs before any work starts."""
+    """Validates step names and knobs before any work starts: unknown scorers and knobs, missing required knobs,
+    knobs that exclude each other, fractions outside their range, a `target` that is not a source mapping."""
+    import inspect
+
     for position, (name, knobs) in enumerate(steps):
         if name not in STEPS:
             raise ValueError(f"step {position}: unknown scorer {name!r}; known: {sorted(STEPS)}")
+        where = f"step {position} ({name})"
         unknown = set(knobs) - STEPS[name].knobs
         if unknown:
-            raise ValueError(f"step {position} ({name}): unknown knobs {sorted(unknown)}; accepted: {sorted(STEPS[name].knobs)}")
-        fraction = knobs.get("keep_fraction")
-        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-            raise ValueError(f"step {position} ({name}): keep_fraction must be in (0, 1], got {fraction!r}")
+            raise ValueError(f"{where}: unknown knobs {sorted(unknown)}; accepted: {sorted(STEPS[name].knobs)}")
+        params = inspect.signature(STEPS[name].fn).parameters.values()
+        required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+        missing = [k for k in required if knobs.get(k) is None]
+        if missing:
+            raise ValueError(f"{where}: needs {', '.join(missing)}")
+        for knob, (low, high, high_ok) in _FRACTIONS.items():
+            value = knobs.get(knob)
+            if value is None:
+                continue
+            if not (_is_number(value) and low < value and (value <= high if high_ok else value < high)):
+                interval = f"({low:g}, {high:g}{']' if high_ok else ')'}"
+                raise ValueError(f"{where}: {knob} must be in {interval}, got {value!r}")
+        pair = _EXACTLY_ONE.get(name)
+        if pair is not None:
+            given = [k for k in pair if knobs.get(k) not in (None, False)]
+            if len(given) != 1:
+                raise ValueError(f"{where}: give exactly one of {pair[0]} or {pair[1]}" + (" (got both)" if given else ""))
+        target = knobs.get("target")
+        if target is not None and not (isinstance(target, dict) and "kind" in target):
+            raise ValueError(f"{where}: target must be a source mapping such as {{kind: image_folder, root: ...}}, got {target!r}")
 
 
 def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -458,6 +578,7 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
     notes: list[dict[str, Any]] = []
     for name, knobs in steps:
         spec = STEPS[name]
+        failpoint("score_step")
         out = spec.fn(ctx, **knobs)
         for col, values in out.scores.items():
             if col in scores:

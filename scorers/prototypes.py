@@ -64,8 +64,9 @@ def fp32_matmul() -> Iterator[None]:
 
 
 def _check_emb(emb: np.ndarray, name: str = "emb") -> None:
-    if not isinstance(emb, np.ndarray) or emb.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D numpy array (rows = samples), got {type(emb).__name__} "
+    # a numpy array, a memmap, or a lazy row view (pipeline.rows.StoreRows): anything 2-D that slices into arrays
+    if getattr(emb, "ndim", None) != 2 or not hasattr(emb, "__getitem__") or not hasattr(emb, "dtype"):
+        raise ValueError(f"{name} must be a 2-D array (rows = samples), got {type(emb).__name__} "
                          f"with shape {getattr(emb, 'shape', None)}")
     if not np.issubdtype(emb.dtype, np.floating):
         raise ValueError(f"{name} must be floating point (float16 / float32), got dtype {emb.dtype}")

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from flows.curate import curate
+from flows.curate import run_curate
 from pipeline.manifest import read_manifest
 from pipeline.sources import DuplicateUidError
 
@@ -61,7 +61,7 @@ def test_every_bad_input_is_recorded_and_the_run_finishes(prefect_server, awkwar
         "steps": [{"scorer": "exact_dup"}, {"scorer": "prototype"}],
         "output_root": str(tmp_path / "runs"),
     }
-    info = curate(config=config)
+    info = run_curate(config)
     m = read_manifest(tmp_path / "runs" / "awkward").sort("uid")
     status = dict(zip(m["uid"].to_list(), m["status"].to_list()))
     assert status["odd/zero.jpg"] == "empty"
@@ -106,5 +106,5 @@ def test_duplicate_uids_stop_the_run_before_any_work(prefect_server, tmp_path):
         "output_root": str(tmp_path / "runs"),
     }
     with pytest.raises(DuplicateUidError, match="'a'"):
-        curate(config=config)
+        run_curate(config)
     assert not (tmp_path / "runs" / "dups" / "store").exists()

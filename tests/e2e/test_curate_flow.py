@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flows.curate import curate
+from flows.curate import run_curate
 from pipeline.manifest import read_manifest, read_run_info
 from pipeline.store import EmbeddingStore
 
@@ -33,7 +33,7 @@ def _clip_config(tmp_path: Path, root: Path, model: str, **embed) -> dict:
 
 def test_cifar_subset_with_tiny_clip(prefect_server, cifar_subset, tiny_clip_checkpoint, tiny_clip_model, tmp_path):
     config = _clip_config(tmp_path, cifar_subset / "train", tiny_clip_model, checkpoint=str(tiny_clip_checkpoint))
-    info = curate(config=config)
+    info = run_curate(config)
     frame = read_manifest(tmp_path / "runs" / "e2e")
     files = sorted(p.relative_to(cifar_subset / "train").as_posix() for p in (cifar_subset / "train").rglob("*.jpg"))
     assert frame.height == len(files) == 500
@@ -50,7 +50,7 @@ def test_cifar_subset_with_tiny_clip(prefect_server, cifar_subset, tiny_clip_che
     emb, _ = store.load()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)  # float16 storage
     # a second run reuses every shard and gives the same manifest
-    info2 = curate(config=config)
+    info2 = run_curate(config)
     assert info2["counts"]["embed_shards_skipped"] == 3
     assert read_manifest(tmp_path / "runs" / "e2e").equals(frame)
 
@@ -78,7 +78,7 @@ def test_precomputed_embeddings_enter_the_store(prefect_server, tmp_path):
         "steps": [{"scorer": "random", "keep_fraction": 0.25}],
         "output_root": str(tmp_path / "runs"),
     }
-    curate(config=config)
+    run_curate(config)
     frame = read_manifest(tmp_path / "runs" / "pre")
     assert sorted(frame["uid"].to_list()) == sorted(uids)
     assert frame["keep"].sum() == 30

@@ -91,12 +91,12 @@ class _Dom(HTMLParser):
 
 
 def test_report_renders_in_chromium(chromium: Path, prefect_server, tmp_path: Path) -> None:
-    from flows.curate import curate
+    from flows.curate import run_curate
     from pipeline.manifest import read_manifest
     from pipeline.report import write_report
 
     _write_digits(tmp_path / "digits")
-    curate(config={
+    run_curate({
         "name": "browser",
         "source": {"kind": "image_folder", "root": str(tmp_path / "digits")},
         "embed": {"kind": "pixels", "shard_size": 100, "num_workers": 0, "pixels": {"size": 16, "grey": True, "dim": 24}},

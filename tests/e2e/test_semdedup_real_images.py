@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageOps
 
-from flows.curate import curate
+from flows.curate import run_curate
 from pipeline.manifest import read_manifest
 
 AUGMENTS = {
@@ -45,7 +45,7 @@ def test_planted_near_duplicates_are_found(prefect_server, cifar_subset, tmp_pat
         "output_root": str(tmp_path / "runs"),
         "report": False,
     }
-    curate(config=config)
+    run_curate(config)
     m = read_manifest(tmp_path / "runs" / "planted")
     dropped = m.filter(pl.col("reason") == "semdedup")
     pairs = {frozenset(p) for p in zip(dropped["uid"].to_list(), dropped["dup_of"].to_list())}

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.schema import SCHEMA_VERSION_KEY
-from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
+from pipeline.manifest import ManifestError, manifest_parts, read_manifest, read_run_info, write_manifest
 
 
 def _frame(**changes):
@@ -23,7 +23,7 @@ def _frame(**changes):
 
 
 def test_round_trip_types_and_version(tmp_path):
-    path = write_manifest(_frame(), tmp_path / "run", {"note": np.int64(3)})
+    path = manifest_parts(write_manifest(_frame(), tmp_path / "run", {"note": np.int64(3)}))[0]
     frame = read_manifest(tmp_path / "run")
     assert frame.schema["weight"] == pl.Float32 and frame.schema["cluster"] == pl.Int32
     assert frame.schema["score_random"] == pl.Float32
@@ -59,7 +59,7 @@ def test_reader_rejects_foreign_and_damaged_files(tmp_path):
     pl.DataFrame({"uid": ["a"]}).write_parquet(plain)
     with pytest.raises(ManifestError, match="not a winnow manifest"):
         read_manifest(plain)
-    path = write_manifest(_frame(), tmp_path / "run", {})
+    path = manifest_parts(write_manifest(_frame(), tmp_path / "run", {}))[0]
     table = pq.read_table(path)
     future = table.replace_schema_metadata({SCHEMA_VERSION_KEY.encode(): b"99"})
     pq.write_table(future, tmp_path / "future.parquet")
@@ -80,3 +80,33 @@ def test_failed_rewrite_keeps_previous_manifest(tmp_path):
     with pytest.raises(ManifestError):
         write_manifest(_frame(uid=["x", "x", "y"]), tmp_path / "run", {"v": 2})
     assert read_manifest(tmp_path / "run")["uid"].to_list() == ["a", "b", "c"]
+
+
+def test_parts_read_as_one_table_by_winnow_polars_and_pyarrow(tmp_path):
+    frame = _frame(uid=["a", "b", "c"])
+    written: list[str] = []
+
+    def recording_fan_out(fn, calls):  # the flow passes its task-runner fan-out here; record what it is given
+        written.extend(str(c["path"].name) for c in calls)
+        return [fn(**c) for c in calls]
+
+    path = write_manifest(frame, tmp_path / "run", {"v": 1}, rows_per_part=2, fan_out=recording_fan_out)
+    assert written == ["part-00000.parquet", "part-00001.parquet"]
+    assert [p.name for p in manifest_parts(tmp_path / "run")] == written
+    assert read_manifest(tmp_path / "run")["uid"].to_list() == ["a", "b", "c"]
+    assert pl.scan_parquet(path).select(pl.len()).collect().item() == 3
+    assert pq.read_table(path).num_rows == 3
+    # a rewrite with fewer parts replaces the whole directory: no stale part from the first write survives
+    write_manifest(_frame(uid=["x", "y", "z"]), tmp_path / "run", {"v": 2})
+    assert [p.name for p in manifest_parts(path)] == ["part-00000.parquet"]
+    assert read_manifest(path)["uid"].to_list() == ["x", "y", "z"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["manifest.parquet", "run.json"]
+
+
+def test_a_duplicate_uid_across_parts_is_refused_on_read(tmp_path):
+    path = write_manifest(_frame(uid=["a", "b", "c"]), tmp_path / "run", {}, rows_per_part=2)
+    second = manifest_parts(path)[1]
+    first = pq.read_table(manifest_parts(path)[0])
+    pq.write_table(first, second)  # part 1 now repeats part 0's rows (a valid file on its own)
+    with pytest.raises(ManifestError, match="duplicate uids"):
+        read_manifest(path)

@@ -34,11 +34,11 @@ def _run(cfg_dict: dict) -> Path:
     plan = stages.plan_ingest(cfg)
     embedder = stages.make_embedder(cfg, plan, EmbeddingStore(cfg.store_path))
     store = stages.init_store(cfg, plan, embedder, embedder.dim)
-    for shard in range(len(plan.shards)):
-        stages.embed_shard(cfg, plan, embedder, store, shard)
+    for shard, (start, stop) in enumerate(plan.shards):
+        stages.embed_shard(cfg, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
     meta = store.all_meta()
     stats.counts["store_status"] = {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}
-    emb, ok_meta = store.load()
+    emb, ok_meta = stages.open_rows(store)
     kmeans = stages.fit_index(cfg, store, emb)
     frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans)
     write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats))
@@ -321,7 +321,7 @@ def test_bad_input_is_a_clear_error(labelled_run: Path, tmp_path: Path) -> None:
     # a damaged manifest is not silently reported on
     bad = tmp_path / "bad"
     shutil.copytree(labelled_run, bad, ignore=shutil.ignore_patterns("store", "*.html"))
-    (bad / "manifest.parquet").write_bytes(b"PAR1 not really")
+    (bad / "manifest.parquet" / "part-00000.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ManifestError):
         write_report(bad)
     assert not (bad / "report.html").exists()
