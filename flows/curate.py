@@ -10,10 +10,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runners import io_task, make_task_runner, prefect_fan_out, shared_api
+from flows.runners import Opaque, io_task, make_task_runner, prefect_fan_out, shared_api
 from pipeline import stages
 from pipeline.config import CurateConfig, check_before_embedding
-from pipeline.manifest import read_run_info, write_manifest
+from pipeline.manifest import export_run, read_run_info, write_manifest
 from pipeline.store import EmbeddingStore
 
 # Inputs are large arrays and open sources: never hash them for Prefect's cache.
@@ -36,7 +36,8 @@ def ingest(cfg: CurateConfig) -> stages.IngestPlan:
 
 
 @stage_task
-def prepare_embedder(cfg: CurateConfig, plan: stages.IngestPlan) -> tuple[Any, EmbeddingStore]:
+def prepare_embedder(cfg: CurateConfig, opaque_plan: Opaque) -> tuple[Any, EmbeddingStore]:
+    plan: stages.IngestPlan = opaque_plan.value
     store = EmbeddingStore(cfg.store_path)
     embedder = stages.make_embedder(cfg, plan, store)
     store = stages.init_store(cfg, plan, embedder, embedder.dim)
@@ -91,6 +92,13 @@ def report(cfg: CurateConfig, info: dict[str, Any]) -> Path | None:
     return path
 
 
+@io_task
+def export(cfg: CurateConfig) -> str:
+    uri = export_run(cfg.run_dir, cfg.export_uri)
+    get_run_logger().info("export: manifest, report and run.json copied to %s", uri)
+    return uri
+
+
 def run_curate(config: dict[str, Any]) -> dict[str, Any]:
     """Runs the curate flow on the task runner its config names (`runner:`): the entry point for the CLI."""
     cfg = CurateConfig.model_validate(config)
@@ -118,7 +126,7 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
             embedder = None
             store = stages.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
         else:
-            embedder, store = prepare_embedder(cfg, plan)
+            embedder, store = prepare_embedder(cfg, Opaque(plan))
             # a worker process rebuilds the embedder from the config and the store's saved state
             local = cfg.runner.kind == "local"
             calls = [
@@ -153,6 +161,8 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     info["stage_spans"]["manifest"] = stats.spans["manifest"]
     if cfg.report:
         report(cfg, info)
+    if cfg.export_uri:
+        info["exported_to"] = export(cfg)
     return info
 
 

@@ -32,7 +32,7 @@ def make_task_runner(runner: RunnerConfig) -> Any:
             return DaskTaskRunner(address=runner.address)
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": runner.workers, "threads_per_worker": runner.threads_per_worker, "processes": True,
-                            "dashboard_address": None}
+                            "dashboard_address": ":0"}
         )
     try:
         from prefect_ray import RayTaskRunner
@@ -88,16 +88,30 @@ def _io_error_only(task, task_run, state) -> bool:
 io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error_only)
 
 
+class Opaque:
+    """A task argument Prefect passes through as is.
+
+    Prefect walks every task argument (dicts, lists, dataclasses) looking for futures to wait on: 9 s for a shard's
+    100k sample refs. A plain object is not walked. (prefect's own `quote` does the same but reaches Dask workers
+    as a bare tuple.)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 @io_task
-def fan_out_call(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
+def fan_out_call(fn: Callable[..., Any], call: Opaque) -> Any:
     """One unit of fan-out work (a shard, a batch of clusters, a manifest part) on the flow's task runner."""
-    return fn(**call)
+    return fn(**call.value)
 
 
 def prefect_fan_out(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
     """Submits fn(**call) for every call to the flow's task runner and returns the results in order."""
     name = fn.__name__
     futures = [
-        fan_out_call.with_options(task_run_name=f"{name}-{i}").submit(fn, call) for i, call in enumerate(calls)
+        fan_out_call.with_options(task_run_name=f"{name}-{i}").submit(fn, Opaque(call)) for i, call in enumerate(calls)
     ]
     return [f.result() for f in futures]

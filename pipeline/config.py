@@ -13,10 +13,20 @@ Example (see README.md for every option):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _plain_name(value: str) -> str:
+    if not value or "/" in value or value.startswith("."):
+        raise ValueError(f"name {value!r} must be a plain directory name")
+    return value
+
+
+# A run's name is its directory under output_root: nothing that could point elsewhere.
+RunName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class Strict(BaseModel):
@@ -87,7 +97,7 @@ class StepConfig(Strict):
 
 
 class CurateConfig(Strict):
-    name: str = "curate"
+    name: RunName = "curate"
     source: SourceConfig
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
@@ -95,15 +105,9 @@ class CurateConfig(Strict):
     steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(scorer="exact_dup")])
     store_dir: Path | None = None  # default: <output_root>/<name>/store
     output_root: Path = Path("manifests/runs")
+    export_uri: str | None = None  # also copy the finished manifest, report and run.json to <export_uri>/<name>/ (fsspec)
     seed: int = 0
     report: bool = True  # write report.html and a Prefect artifact at the end of the run
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a plain directory name")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> CurateConfig:

@@ -52,9 +52,10 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.config import RunName, Strict
 from pipeline.device import select_device
 from pipeline.manifest import write_manifest
 from scorers.distill import DSA_STRATEGY, cf_loss, convnet, dm_loss, dsa_augment, flip_concat, sample_frequencies
@@ -65,10 +66,6 @@ Method = Literal["dm", "ncfm", "ncfm_embedding"]
 
 
 # ====================================================================================================== config
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class DataConfig(Strict):
     """Where the real data comes from.
 
@@ -120,7 +117,7 @@ class EvalConfig(Strict):
 
 
 class DistillConfig(Strict):
-    name: str = "distill"
+    name: RunName = "distill"
     output_root: Path = Path("manifests/runs")
     data: DataConfig
     method: Method = "dm"
@@ -139,13 +136,6 @@ class DistillConfig(Strict):
     eval: EvalConfig = EvalConfig()
     device: str = "auto"
     seed: int = 0
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
-            raise ValueError(f"name {value!r} must be a plain directory name")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:

@@ -192,6 +192,35 @@ def _read_part(path: Path) -> pl.DataFrame:
     return to_polars(table, path, ManifestError)
 
 
+def export_run(run_dir: str | Path, uri: str) -> str:
+    """Copies a finished run's manifest parts, report and run.json to `uri` (any fsspec URL: s3://, gs://, file://).
+
+    Object stores have no atomic rename, so the copy keeps the local rule with ordering instead: the remote run.json
+    is deleted first, the parts and the report are uploaded, parts left over from an earlier export are deleted,
+    and run.json is uploaded last. A reader that finds run.json at `uri` finds the complete manifest beside it.
+    Returns the remote run directory.
+    """
+    import fsspec
+
+    run_dir = Path(run_dir)
+    read_run_info(run_dir)  # only a finished run is exported
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/") + "/" + run_dir.name)
+    remote = f"{root}/{MANIFEST_FILE}"
+    if fs.exists(f"{root}/{RUN_FILE}"):
+        fs.rm(f"{root}/{RUN_FILE}")
+    fs.makedirs(remote, exist_ok=True)
+    parts = manifest_parts(run_dir)
+    for part in parts:
+        fs.put_file(str(part), f"{remote}/{part.name}")
+    stale = {p.rsplit("/", 1)[-1] for p in fs.ls(remote, detail=False)} - {p.name for p in parts}
+    for name in sorted(stale):
+        fs.rm(f"{remote}/{name}")
+    if (run_dir / "report.html").exists():
+        fs.put_file(str(run_dir / "report.html"), f"{root}/report.html")
+    fs.put_file(str(run_dir / RUN_FILE), f"{root}/{RUN_FILE}")
+    return fs.unstrip_protocol(root)
+
+
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     if not path.exists():

@@ -51,9 +51,13 @@ def _config(out: Path, root: Path, clip_files: dict[str, str], runner: dict) -> 
 @pytest.fixture(scope="module")
 def local_manifest(prefect_server, cifar_subset: Path, clip_files, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("local")
-    info = run_curate(_config(out, cifar_subset / "train", clip_files, {"kind": "local", "workers": 2}))
+    config = _config(out, cifar_subset / "train", clip_files, {"kind": "local", "workers": 2})
+    info = run_curate({**config, "export_uri": f"file://{out}/bucket"})  # and a copy on an fsspec filesystem
     semdedup_note = next(n for n in info["steps"] if n["scorer"] == "semdedup")
-    return read_manifest(out / "runners"), semdedup_note
+    frame = read_manifest(out / "runners")
+    assert info["exported_to"] == f"file://{out}/bucket/runners"
+    assert read_manifest(out / "bucket" / "runners").equals(frame)
+    return frame, semdedup_note
 
 
 def _check_same(local_manifest, out: Path, info: dict) -> None:

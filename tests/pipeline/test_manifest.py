@@ -110,3 +110,25 @@ def test_a_duplicate_uid_across_parts_is_refused_on_read(tmp_path):
     pq.write_table(first, second)  # part 1 now repeats part 0's rows (a valid file on its own)
     with pytest.raises(ManifestError, match="duplicate uids"):
         read_manifest(path)
+
+
+def test_export_copies_parts_then_run_json_to_an_fsspec_url(tmp_path):
+    from pipeline.manifest import export_run
+
+    run = tmp_path / "runs" / "exp"
+    write_manifest(_frame(uid=["a", "b", "c"]), run, {"v": 1}, rows_per_part=1)
+    (run / "report.html").write_text("<html></html>")
+    remote = export_run(run, f"file://{tmp_path}/bucket/prefix")
+    assert remote == f"file://{tmp_path}/bucket/prefix/exp"
+    copy = tmp_path / "bucket" / "prefix" / "exp"
+    assert read_manifest(copy).equals(read_manifest(run)) and read_run_info(copy) == {"v": 1}
+    assert (copy / "report.html").read_text() == "<html></html>"
+    # a later export with fewer parts leaves no stale part behind
+    write_manifest(_frame(uid=["x", "y", "z"]), run, {"v": 2})
+    export_run(run, f"file://{tmp_path}/bucket/prefix")
+    assert [p.name for p in manifest_parts(copy)] == ["part-00000.parquet"]
+    assert read_manifest(copy)["uid"].to_list() == ["x", "y", "z"] and read_run_info(copy) == {"v": 2}
+    # an unfinished run (no run.json) is not exported
+    (run / "run.json").unlink()
+    with pytest.raises(ManifestError, match="did not finish"):
+        export_run(run, f"file://{tmp_path}/bucket/prefix")
