@@ -139,6 +139,8 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
                 for status, count in counts.items():
                     status_counts[status] = status_counts.get(status, 0) + count
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
+            del calls
+        plan.refs = []  # one object per sample, not needed past embedding (2+ GB at 10M): freed before scoring
     stats.counts["store_status"] = _status_counts(store)
     with _timed(stats, "index"):
         emb, ok_meta = open_rows(store)
@@ -167,5 +169,5 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _status_counts(store: EmbeddingStore) -> dict[str, int]:
-    meta = store.all_meta()
+    meta = store.all_meta(columns=["status"])
     return {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}

@@ -367,7 +367,7 @@ def _assemble(store: EmbeddingStore, ok_meta: pl.DataFrame, kmeans: KMeansResult
         pl.Series("dup_of", dup_uid.tolist(), dtype=pl.String),
         *[pl.Series(name, values) for name, values in columns.items()],
     )
-    bad = store.all_meta().filter(pl.col("status") != "ok").select("uid", "label", "location", "caption", "status")
+    bad = store.all_meta(pl.col("status") != "ok", ["uid", "label", "location", "caption", "status"])
     if bad.height:
         bad = bad.with_columns(
             pl.lit(False).alias("keep"),

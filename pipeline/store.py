@@ -267,10 +267,20 @@ class EmbeddingStore:
         meta_all = pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA)
         return emb_all, meta_all
 
-    def all_meta(self) -> pl.DataFrame:
-        """Meta rows of every finished shard, bad rows included (status != 'ok')."""
-        metas = [self.read_meta(s) for s in self.done_shards()]
-        return pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA)
+    def all_meta(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """Meta rows of every finished shard, bad rows included (status != 'ok').
+
+        `where` and `columns` apply shard by shard, so only what they keep is ever held for the whole store.
+        """
+        metas = []
+        for shard in self.done_shards():
+            meta = self.read_meta(shard)
+            meta = meta if where is None else meta.filter(where)
+            metas.append(meta if columns is None else meta.select(columns))
+        if metas:
+            return pl.concat(metas)
+        empty = pl.DataFrame(schema=META_SCHEMA)
+        return empty if columns is None else empty.select(columns)
 
     def fingerprint(self) -> str:
         """A hash of store.json and every shard's metadata, to tie a manifest to the exact input."""
