@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import polars as pl
 
 from manifests.schema import OPTIONAL, REASONS, REQUIRED, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SCORE_DTYPE, SCORE_PREFIX
 from pipeline.atomic import fsync_dir
+from pipeline.fanout import FanOut, serial_fan_out
 from pipeline.faults import failpoint
 from pipeline.checked_parquet import read_checked, to_polars, verify_digest, write_checked
 
@@ -82,7 +82,7 @@ def write_manifest(
     run_info: dict[str, Any],
     *,
     rows_per_part: int | None = None,
-    fan_out: Callable[[Callable[..., Any], list[dict[str, Any]]], list[Any]] | None = None,
+    fan_out: FanOut | None = None,
 ) -> Path:
     """Validates and writes the manifest as a directory of Parquet parts, plus run.json; returns the directory.
 
@@ -113,7 +113,7 @@ def write_manifest(
     try:
         calls = [{"part": frame.slice(start, step), "path": staging / f"part-{i:05d}.parquet"}
                  for i, start in enumerate(range(0, max(frame.height, 1), step))]
-        (fan_out or _serial)(write_part, calls)
+        (fan_out or serial_fan_out)(write_part, calls)
         fsync_dir(staging)
         with open(tmp_run, "w") as fh:
             fh.write(run_text)
@@ -141,10 +141,6 @@ def write_part(part: pl.DataFrame, path: Path) -> int:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
     return part.height
-
-
-def _serial(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
-    return [fn(**call) for call in calls]
 
 
 def manifest_parts(path: str | Path) -> list[Path]:

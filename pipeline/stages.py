@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from pipeline.device import faiss_gpu_available
 from pipeline.faults import failpoint
 from pipeline.index import KMeansParams, KMeansResult, artefact_key, fit_centroids
 from pipeline.rows import StoreRows
-from pipeline.steps import STEPS, FanOut, ScoringContext, run_steps
+from pipeline.fanout import FanOut, serial_fan_out
+from pipeline.steps import STEPS, ScoringContext, run_steps
 from pipeline.store import META_SCHEMA, EmbeddingStore, StoreInfo, shard_ranges
 
 log = logging.getLogger("winnow")
@@ -237,11 +237,6 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
             raise ValueError(f"target {spec} has no usable samples")
         targets[target_key(spec)] = emb
     return targets
-
-
-def serial_fan_out(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
-    """The fan-out of a run without a task runner: every call in this process, in order."""
-    return [fn(**call) for call in calls]
 
 
 def open_rows(store: EmbeddingStore) -> tuple[StoreRows, pl.DataFrame]:

@@ -16,12 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fanout import FanOut
 from pipeline.faults import failpoint
 from pipeline.index import KMeansResult
-
-
-# fan_out(fn, calls) runs fn(**call) for every call (as Prefect tasks, on any task runner) and returns the results in order.
-FanOut = Callable[[Callable[..., Any], list[dict[str, Any]]], list[Any]]
 
 
 @dataclass
