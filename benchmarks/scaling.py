@@ -140,32 +140,8 @@ def run_direct(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The single-process path: the same stage functions, no Prefect, serial fan-out."""
     from pipeline import stages
     from pipeline.config import CurateConfig
-    from pipeline.manifest import read_run_info, write_manifest
 
-    cfg = CurateConfig.model_validate(cfg_dict)
-    stats = stages.RunStats()
-
-    def timed(name: str, fn, *args, **kwargs):
-        t0, w0 = time.perf_counter(), time.time()
-        out = fn(*args, **kwargs)
-        stats.timings[name] = time.perf_counter() - t0
-        stats.spans[name] = [w0, time.time()]
-        return out
-
-    plan = timed("ingest", stages.plan_ingest, cfg)
-    store = timed("embed", stages.ingest_precomputed, cfg, plan)
-
-    def index():
-        emb, ok_meta = stages.open_rows(store)
-        return emb, ok_meta, stages.fit_index(cfg, store, emb)
-
-    emb, ok_meta, kmeans = timed("index", index)
-    frame, notes = timed("score", stages.score_and_assemble, cfg, store, emb, ok_meta, kmeans)
-    timed("manifest", lambda: write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats)))
-    info = read_run_info(cfg.run_dir)
-    info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
-    info["stage_spans"]["manifest"] = stats.spans["manifest"]
-    return info
+    return stages.run_in_process(CurateConfig.model_validate(cfg_dict))
 
 
 def one(n: int, mode: str, steps: str, out: Path) -> dict[str, Any]:

@@ -1,8 +1,6 @@
 """The `curate` Prefect flow: thin tasks over pipeline.stages."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +16,6 @@ from pipeline.store import EmbeddingStore
 
 # Inputs are large arrays and open sources: never hash them for Prefect's cache.
 stage_task = task(cache_policy=NO_CACHE)
-
-
-@contextmanager
-def _timed(stats: stages.RunStats, name: str):
-    start, wall_start = time.perf_counter(), time.time()
-    yield
-    stats.timings[name] = stats.timings.get(name, 0.0) + time.perf_counter() - start
-    stats.spans[name] = [stats.spans.get(name, [wall_start])[0], time.time()]
 
 
 @io_task
@@ -118,10 +108,10 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     cfg = CurateConfig.model_validate(config)
     logger = get_run_logger()
     stats = stages.RunStats()
-    with _timed(stats, "ingest"):
+    with stats.timed("ingest"):
         plan = ingest(cfg)
         check_before_embedding(cfg, plan)  # k > N, empty targets, labels: refused before any embedding
-    with _timed(stats, "embed"):
+    with stats.timed("embed"):
         if cfg.source.kind == "precomputed":
             embedder = None
             store = stages.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
@@ -141,21 +131,20 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
             del calls
         plan.refs = []  # one object per sample, not needed past embedding (2+ GB at 10M): freed before scoring
-    stats.counts["store_status"] = _status_counts(store)
-    with _timed(stats, "index"):
+    stats.counts["store_status"] = stages.store_status_counts(store)
+    with stats.timed("index"):
         emb, ok_meta = open_rows(store)
         kmeans = stages.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
         logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
     targets = {}
     if any("target" in s.knobs() for s in cfg.steps):
-        with _timed(stats, "embed_targets"):
+        with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
-    with _timed(stats, "score"):
+    with stats.timed("score"):
         frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets, fan_out=prefect_fan_out)
-    with _timed(stats, "manifest"):  # one part per store shard, written as tasks; run.json last
-        rows_per_part = max(stop - start for start, stop in plan.shards)
+    with stats.timed("manifest"):  # one part per store shard, written as tasks; run.json last
         path = write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats),
-                              rows_per_part=rows_per_part, fan_out=prefect_fan_out)
+                              rows_per_part=stages.rows_per_manifest_part(plan), fan_out=prefect_fan_out)
         logger.info("manifest: %d rows, %d kept → %s", frame.height, int(frame["keep"].sum()), path)
     info = read_run_info(path.parent)
     # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time
@@ -167,7 +156,3 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         info["exported_to"] = export(cfg)
     return info
 
-
-def _status_counts(store: EmbeddingStore) -> dict[str, int]:
-    meta = store.all_meta(columns=["status"])
-    return {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}

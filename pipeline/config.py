@@ -129,6 +129,11 @@ class CurateConfig(Strict):
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CurateConfig:
     """Reads a YAML config; relative paths inside it stay relative to the current directory."""
+    return CurateConfig.model_validate(read_yaml_mapping(path, overrides))
+
+
+def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML config file as a mapping, with `--set` overrides (dotted keys) applied; validation is the caller's."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} not found")
@@ -137,7 +142,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Cu
         raise ValueError(f"{path} must hold a mapping at the top level")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    return CurateConfig.model_validate(raw)
+    return raw
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -51,11 +51,10 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.config import RunName, Strict
+from pipeline.config import RunName, Strict, read_yaml_mapping
 from pipeline.device import select_device
 from pipeline.manifest import write_manifest
 from scorers.distill import DSA_STRATEGY, cf_loss, convnet, dm_loss, dsa_augment, flip_concat, sample_frequencies
@@ -165,19 +164,7 @@ class DistillConfig(Strict):
 
 
 def load_distill_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return DistillConfig.model_validate(raw)
+    return DistillConfig.model_validate(read_yaml_mapping(path, overrides))
 
 
 # ======================================================================================================== data

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,14 @@ class RunStats:
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
     spans: dict[str, list[float]] = field(default_factory=dict)  # stage → [first start, last end], Unix time
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to stage `name` and stretches its span."""
+        start, wall_start = time.perf_counter(), time.time()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.spans[name] = [self.spans.get(name, [wall_start])[0], time.time()]
 
 
 def plan_ingest(cfg: CurateConfig) -> IngestPlan:
@@ -403,6 +413,57 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, n
         "stage_spans": stats.spans,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def store_status_counts(store: EmbeddingStore) -> dict[str, int]:
+    meta = store.all_meta(columns=["status"])
+    return {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}
+
+
+def rows_per_manifest_part(plan: IngestPlan) -> int:
+    """One manifest part per store shard."""
+    return max(stop - start for start, stop in plan.shards)
+
+
+def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
+    """The curate stages in the flow's order, in this process and without Prefect (every fan-out serial).
+
+    flows/curate.py is the same sequence with tasks; tests and the single-process benchmark use this one.
+    Returns run.json's content, plus the manifest stage's own time (run.json is written inside that stage).
+    """
+    from pipeline.config import check_before_embedding
+    from pipeline.manifest import read_run_info, write_manifest
+
+    stats = RunStats()
+    with stats.timed("ingest"):
+        plan = plan_ingest(cfg)
+        check_before_embedding(cfg, plan)
+    with stats.timed("embed"):
+        embedder = None
+        if cfg.source.kind == "precomputed":
+            store = ingest_precomputed(cfg, plan)
+        else:
+            embedder = make_embedder(cfg, plan, EmbeddingStore(cfg.store_path))
+            store = init_store(cfg, plan, embedder, embedder.dim)
+            for shard, (start, stop) in enumerate(plan.shards):
+                embed_shard(cfg, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+        plan.refs = []
+    stats.counts["store_status"] = store_status_counts(store)
+    with stats.timed("index"):
+        emb, ok_meta = open_rows(store)
+        kmeans = fit_index(cfg, store, emb)
+    targets = {}
+    if any("target" in s.knobs() for s in cfg.steps):
+        with stats.timed("embed_targets"):
+            targets = embed_targets(cfg, embedder)
+    with stats.timed("score"):
+        frame, notes = score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets)
+    with stats.timed("manifest"):
+        write_manifest(frame, cfg.run_dir, run_info(cfg, store, frame, notes, stats), rows_per_part=rows_per_manifest_part(plan))
+    info = read_run_info(cfg.run_dir)
+    info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
+    info["stage_spans"]["manifest"] = stats.spans["manifest"]
+    return info
 
 
 def manifest_path_for(cfg: CurateConfig) -> Path:

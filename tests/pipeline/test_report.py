@@ -19,7 +19,6 @@ from pipeline import stages
 from pipeline.config import CurateConfig
 from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
 from pipeline.report import _cut, write_report
-from pipeline.store import EmbeddingStore
 
 SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "grids", "duplicates",
             "hardest-easiest"]
@@ -28,20 +27,9 @@ EXACT_COPIES = 4
 
 
 def _run(cfg_dict: dict) -> Path:
-    """The curate stages in flows/curate.py's order, without the Prefect engine (seconds, not a server start)."""
+    """The curate stages in the flow's order without the Prefect engine (seconds, not a server start)."""
     cfg = CurateConfig.model_validate(cfg_dict)
-    stats = stages.RunStats()
-    plan = stages.plan_ingest(cfg)
-    embedder = stages.make_embedder(cfg, plan, EmbeddingStore(cfg.store_path))
-    store = stages.init_store(cfg, plan, embedder, embedder.dim)
-    for shard, (start, stop) in enumerate(plan.shards):
-        stages.embed_shard(cfg, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
-    meta = store.all_meta()
-    stats.counts["store_status"] = {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}
-    emb, ok_meta = stages.open_rows(store)
-    kmeans = stages.fit_index(cfg, store, emb)
-    frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans)
-    write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats))
+    stages.run_in_process(cfg)
     return cfg.run_dir
 
 
