@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="where to write it (default: RUN_DIR/report.html)")
     report.set_defaults(fn=cmd_report)
 
-    validate = sub.add_parser("validate", help="check a manifest file against the schema")
-    validate.add_argument("manifest", help="manifest.parquet or its run directory")
+    validate = sub.add_parser("validate", help="check a manifest against the schema")
+    validate.add_argument("manifest", help="the manifest.parquet directory, one of its part files, or the run directory")
     validate.set_defaults(fn=cmd_validate)
 
     distill = sub.add_parser("distill", help="synthesise a small training set (DM, DM+flip, NCFM-style CF) and evaluate it")
