@@ -27,14 +27,21 @@ class ShardFile:
 
 
 def shard_file(path: str | Path) -> ShardFile:
-    """Reads a 2-d C-order .npy header: where its rows start and how many there are."""
+    """Reads a 2-d C-order .npy header: where its rows start and how many there are. The file must be exactly
+    header + data long: numpy itself accepts trailing bytes, so a damaged header-length field that still parses
+    (the header's space padding) would otherwise shift every value silently."""
     with open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, _ = read_header(fh)
+        shape, fortran, dtype = read_header(fh)
         if fortran or len(shape) != 2:
             raise ValueError(f"{path}: expected a 2-d C-order array, got shape {shape}")
-        return ShardFile(path=str(path), rows=int(shape[0]), data_offset=fh.tell())
+        data_offset = fh.tell()
+        expected = data_offset + int(np.prod(shape)) * dtype.itemsize
+        actual = os.fstat(fh.fileno()).st_size
+        if actual != expected:
+            raise ValueError(f"{path} is {actual} bytes but its header describes {expected}")
+        return ShardFile(path=str(path), rows=int(shape[0]), data_offset=data_offset)
 
 
 class StoreRows:

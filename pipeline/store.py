@@ -24,6 +24,7 @@ import polars as pl
 
 from pipeline.atomic import atomic_group, atomic_write_text
 from pipeline.checked_parquet import read_checked, to_polars, verify_digest, write_checked
+from pipeline.rows import shard_file
 
 META_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -173,6 +174,8 @@ class EmbeddingStore:
         path = self.emb_path(shard)
         try:
             emb = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            if isinstance(emb, np.ndarray) and emb.ndim == 2:
+                shard_file(path)  # the file is exactly header + data (numpy ignores trailing bytes)
         except Exception as exc:  # OSError, ValueError, EOFError, and SyntaxError/TokenError from a damaged header
             raise StoreError(f"cannot read {path} (damaged or truncated?): {type(exc).__name__}: {exc}") from exc
         if not isinstance(emb, np.ndarray) or emb.dtype not in (np.float16, np.float32) or emb.ndim != 2:

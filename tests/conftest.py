@@ -11,6 +11,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run by default, so a landing gate cannot turn red by chance;
+# HYPOTHESIS_PROFILE=explore draws fresh random examples (500 where a test sets no count) when hunting for bugs.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 SHARED_DATA = Path(os.environ.get("WINNOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -216,6 +216,30 @@ def test_damaged_embedding_file_header_or_length_is_an_error_naming_it(good_stor
     assert np.array_equal(got_emb, emb) and got_meta.equals(meta)
 
 
+def test_every_single_bit_flip_in_the_npy_header_is_an_error_or_harmless(good_store, tmp_path):
+    """Exhaustive over the header's bits. CI's fuzzing once found flip (8, 16): the header-length field shrunk into the
+    header's space padding, numpy parsed it and read the padding as data (0x2020 = 8.057e-03 everywhere)."""
+    root, emb, meta = good_store
+    copy = tmp_path / "s"
+    shutil.copytree(root, copy)
+    store = EmbeddingStore(copy)
+    target = store.emb_path(0)
+    original = target.read_bytes()
+    header_len = len(original) - emb[:5].nbytes
+    silent = []
+    for pos in range(header_len):
+        for bit in range(8):
+            target.write_bytes(apply_damage(original, ("flip", [(pos, 1 << bit)])))
+            try:
+                got_emb, got_meta = store.load()
+            except StoreError as exc:
+                assert str(target) in str(exc) or "shard 0" in str(exc)
+                continue
+            if not (np.array_equal(got_emb, emb) and got_meta.equals(meta)):
+                silent.append((pos, 1 << bit))
+    assert silent == []
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_nan_or_inf_in_embeddings(tmp_path, bad, dtype):
