@@ -15,9 +15,9 @@ VmHWM, read at exit), with the same thread count for torch, faiss and BLAS:
   (b) naive  the reference SemDeDup (facebookresearch/SemDeDup): per cluster S = E Eᵀ, triu(S, 1), max over
              columns, on the float32 data in RAM with (a)'s clusters; ranking keep-hard (farthest from the
              centroid first), ties by uid, as winnow;
-  (c) winnow the real pipeline from the float16 store on disk: EmbeddingStore.load, stages.fit_index (k-means +
-             assignment), stages.score_and_assemble (steps semdedup at eps, then dbp keep_fraction 0.5, manifest
-             frame), stages.run_info + manifest.write_manifest. The k-means cache under <store>/index is deleted
+  (c) winnow the real pipeline from the float16 store on disk: EmbeddingStore.load + stages.open_rows,
+             stages.fit_index (k-means + assignment), stages.score (steps semdedup at eps, then dbp keep_fraction
+             0.5), stages.write_curate_manifest (parts per shard, run.json). The k-means cache under <store>/index is deleted
              before every run. Per-stage times come from timing wrappers around the real functions.
 (b) and (c) must find the same duplicates; (a) and (c) the same clusters. Both are checked and reported.
 On the skewed data (b) is not run: the n×n matrix of the 200k cluster alone is 160 GB.
@@ -226,7 +226,6 @@ def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline import index as pindex
     from pipeline import stages, steps
     from pipeline.config import CurateConfig
-    from pipeline.manifest import write_manifest
     from pipeline.store import EmbeddingStore
 
     timings: dict[str, float] = {}
@@ -260,14 +259,15 @@ def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     })
     store = EmbeddingStore(cfg.store_path)
     c0, t0 = time.process_time(), time.perf_counter()
-    emb, ok_meta = timed("load", store.load)()
+    emb, _ = timed("load", store.load)()
+    _, rows = timed("rows", stages.open_rows)(store)
     kmeans = timed("index", stages.fit_index)(cfg, store, emb)
-    frame, notes = timed("score", stages.score_and_assemble)(cfg, store, emb, ok_meta, kmeans)
+    columns, notes = timed("score", stages.score)(cfg, store, emb, rows, kmeans)
     run_stats = stages.RunStats(timings=dict(timings))
-    timed("manifest", lambda: write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, run_stats)))()
+    _, counts = timed("manifest", stages.write_curate_manifest)(cfg, store, rows, kmeans, columns, notes, run_stats)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     stages_s = {
-        "load": timings["load"],
+        "load": timings["load"] + timings["rows"],
         "kmeans_train": timings["index"] - timings["assign"],
         "assign": timings["assign"],
         "semdedup": timings["step_semdedup"],
@@ -279,7 +279,7 @@ def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": total, "cpu_seconds": cpu, "stages": stages_s, "kmeans_sample_s": timings["kmeans_sample"],
             "rss_after_gb": {k: v for k, v in rss.items()
                              if k in ("after_imports", "load", "index", "step_semdedup", "step_dbp", "score", "manifest")},
-            "largest_cluster": int(sizes.max()), "manifest_rows": frame.height, "kept": int(frame["keep"].sum()),
+            "largest_cluster": int(sizes.max()), "manifest_rows": counts["samples"], "kept": counts["kept"],
             "notes": [{k: v for k, v in n.items() if k in ("scorer", "dropped", "alive_after", "eps", "budget")} for n in notes]}
 
 

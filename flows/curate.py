@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.runners import Opaque, io_task, make_task_runner, prefect_fan_out, shared_api
 from pipeline import stages
 from pipeline.config import CurateConfig, check_before_embedding
-from pipeline.manifest import export_run, read_run_info, write_manifest
+from pipeline.manifest import export_run, read_run_info
 from pipeline.store import EmbeddingStore
 
 # Inputs are large arrays and open sources: never hash them for Prefect's cache.
@@ -21,7 +21,7 @@ stage_task = task(cache_policy=NO_CACHE)
 @io_task
 def ingest(cfg: CurateConfig) -> stages.IngestPlan:
     plan = stages.plan_ingest(cfg)
-    get_run_logger().info("ingest: %d samples in %d shards from %s", len(plan.refs), len(plan.shards), cfg.source.kind)
+    get_run_logger().info("ingest: %d samples in %d shards from %s", plan.n_samples, len(plan.shards), cfg.source.kind)
     return plan
 
 
@@ -38,10 +38,10 @@ def prepare_embedder(cfg: CurateConfig, opaque_plan: Opaque) -> tuple[Any, Embed
 
 @stage_task
 def open_rows(store: EmbeddingStore):
-    rows, ok_meta = stages.open_rows(store)
+    emb, rows = stages.open_rows(store)
     if len(rows) == 0:
         raise ValueError("no sample could be decoded; nothing to index (see the store's meta for statuses)")
-    return rows, ok_meta
+    return emb, rows
 
 
 @io_task
@@ -130,10 +130,10 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
                     status_counts[status] = status_counts.get(status, 0) + count
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
             del calls
-        plan.refs = []  # one object per sample, not needed past embedding (2+ GB at 10M): freed before scoring
+        plan.release_refs()  # one object per sample, not needed past embedding: freed before scoring
     stats.counts["store_status"] = stages.store_status_counts(store)
     with stats.timed("index"):
-        emb, ok_meta = open_rows(store)
+        emb, rows = open_rows(store)
         kmeans = stages.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
         logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
     targets = {}
@@ -141,11 +141,10 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
     with stats.timed("score"):
-        frame, notes = stages.score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets, fan_out=prefect_fan_out)
-    with stats.timed("manifest"):  # one part per store shard, written as tasks; run.json last
-        path = write_manifest(frame, cfg.run_dir, stages.run_info(cfg, store, frame, notes, stats),
-                              rows_per_part=stages.rows_per_manifest_part(plan), fan_out=prefect_fan_out)
-        logger.info("manifest: %d rows, %d kept → %s", frame.height, int(frame["keep"].sum()), path)
+        columns, notes = stages.score(cfg, store, emb, rows, kmeans, targets, fan_out=prefect_fan_out)
+    with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
+        path, counts = stages.write_curate_manifest(cfg, store, rows, kmeans, columns, notes, stats, fan_out=prefect_fan_out)
+        logger.info("manifest: %d rows, %d kept → %s", counts["samples"], counts["kept"], path)
     info = read_run_info(path.parent)
     # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)

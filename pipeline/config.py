@@ -211,12 +211,9 @@ def check_targets(cfg: CurateConfig) -> dict[str, int]:
 
 
 def check_before_embedding(cfg: CurateConfig, plan: Any) -> dict[str, int]:
-    """check_plan_size and check_targets for an ingest plan (stages.IngestPlan: `.source`, `.refs`).
+    """check_plan_size and check_targets for an ingest plan (stages.IngestPlan: `.n_samples`, `.has_labels`).
 
-    For a precomputed source, whose plan lists no refs, the source's own metadata rows are counted.
     Returns check_targets' counts.
     """
-    refs = plan.refs if plan.refs or cfg.source.kind != "precomputed" else plan.source.refs()
-    has_labels = any(r.label is not None for r in refs)
-    check_plan_size(cfg, len(refs), has_labels=has_labels)
+    check_plan_size(cfg, plan.n_samples, has_labels=plan.has_labels)
     return check_targets(cfg)

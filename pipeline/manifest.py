@@ -6,6 +6,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -84,23 +85,37 @@ def write_manifest(
     rows_per_part: int | None = None,
     fan_out: FanOut | None = None,
 ) -> Path:
-    """Validates and writes the manifest as a directory of Parquet parts, plus run.json; returns the directory.
-
-    <out_dir>/manifest.parquet/part-00000.parquet, ...: consecutive slices of `frame` (in its order) of
-    `rows_per_part` rows (one part by default), each with the schema version and a content checksum in its
-    metadata; `fan_out` writes them as parallel tasks. Polars and pyarrow read the directory as one table
-    (pl.scan_parquet("<run>/manifest.parquet")). The parts and run.json go to temporary names first; only then
-    is the old run.json removed, the old manifest moved aside, the new one renamed into place and run.json
-    last. So a failure while writing (a full disk, a crash, an unserialisable run_info) leaves the previous
-    manifest and run.json exactly as they were, and a run.json present means the manifest beside it is complete.
-    """
-    out_dir = Path(out_dir)
+    """Validates `frame` and writes it as a manifest: consecutive slices (in its order) of `rows_per_part` rows
+    (one part by default), `fan_out` writing them as parallel tasks; see commit_manifest."""
     frame = conform(frame)
     validate(frame)
+    step = max(1, rows_per_part or frame.height)
+    calls = [{"part": frame.slice(start, step), "index": i} for i, start in enumerate(range(0, max(frame.height, 1), step))]
+    return commit_manifest(out_dir, run_info, write_part, calls, fan_out=fan_out)
+
+
+def commit_manifest(
+    out_dir: str | Path,
+    run_info: dict[str, Any],
+    write_one: Callable[..., int],
+    calls: list[dict[str, Any]],
+    *,
+    fan_out: FanOut | None = None,
+) -> Path:
+    """Writes a manifest as a directory of Parquet parts plus run.json, all or nothing; returns the directory.
+
+    Each call of `write_one(**call, path=...)` writes one part, `<out_dir>/manifest.parquet/part-<call["index"]>.parquet`,
+    validated, with the schema version and a content checksum in its metadata (write_part); `fan_out` runs them as
+    parallel tasks. Polars and pyarrow read the directory as one table (pl.scan_parquet("<run>/manifest.parquet")).
+    The parts and run.json go to temporary names first; only then is the old run.json removed, the old manifest
+    moved aside, the new one renamed into place and run.json last. So a failure while writing (a full disk, a
+    crash, an unserialisable run_info) leaves the previous manifest and run.json exactly as they were, and a
+    run.json present means the manifest beside it is complete.
+    """
+    out_dir = Path(out_dir)
     run_text = json.dumps(run_info, indent=2, sort_keys=True, default=_json_default)
     path = out_dir / MANIFEST_FILE
     run_path = out_dir / RUN_FILE
-    step = max(1, rows_per_part or frame.height)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob(f".{MANIFEST_FILE}.*.tmp"), *out_dir.glob(f".{MANIFEST_FILE}.*.old"), *out_dir.glob(f".{RUN_FILE}.*.tmp")]:
         # what a killed writer left behind (its finally block never ran); one writer per run directory
@@ -111,9 +126,8 @@ def write_manifest(
     tmp_run = out_dir / f".{RUN_FILE}.{token}.tmp"
     staging.mkdir()
     try:
-        calls = [{"part": frame.slice(start, step), "path": staging / f"part-{i:05d}.parquet"}
-                 for i, start in enumerate(range(0, max(frame.height, 1), step))]
-        (fan_out or serial_fan_out)(write_part, calls)
+        staged = [{**call, "path": staging / f"part-{call['index']:05d}.parquet"} for call in calls]
+        (fan_out or serial_fan_out)(write_one, [{k: v for k, v in call.items() if k != "index"} for call in staged])
         fsync_dir(staging)
         with open(tmp_run, "w") as fh:
             fh.write(run_text)
@@ -136,7 +150,8 @@ def write_manifest(
 
 
 def write_part(part: pl.DataFrame, path: Path) -> int:
-    """One manifest part file (schema version + content checksum), fsynced; returns its rows."""
+    """One manifest part file (schema version + content checksum), fsynced; returns its rows. `part` must already
+    be conformed and validated (a part's uids are unique; across parts the writer of the whole guarantees it)."""
     write_checked(part.to_arrow(), path, extra={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())

@@ -18,9 +18,12 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import polars as pl
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: millions of refs are listed before embedding
 class SampleRef:
     """One sample of a source: its uid, where its bytes live, and optional label/caption."""
 
@@ -128,6 +131,10 @@ class Source:
 
     def __len__(self) -> int:
         return len(self.refs())
+
+    def forget_refs(self) -> None:
+        """Drops the cached ref list (refs() lists the source again if asked)."""
+        self._refs = None
 
     def read_bytes(self, ref: SampleRef) -> bytes:
         """The raw bytes of ``ref``; raises an OSError subclass when they cannot be read."""
@@ -584,11 +591,19 @@ class PrecomputedSource(Source):
         self.label_column = label_column
         self.caption_column = caption_column
         self.location_column = location_column
-        self._shard_sizes: list[int] = []  # rows per shard pair, filled by _scan
+        self._shard_sizes: list[int] = []  # rows per shard pair, filled by scan_shards
+        self._has_labels = False
 
-    def _shard_refs(self, emb_path: str, meta_path: str) -> list[SampleRef]:
+    def shard_frame(self, shard: int) -> pl.DataFrame:
+        """One file pair's samples as string columns uid, location, label, caption (row counts checked, no null uid).
+
+        Columns, not SampleRef objects: a store-copy task reads only its own file's metadata, and listing millions of
+        rows costs bytes per row rather than one Python object each.
+        """
+        import polars as pl
         import pyarrow.parquet as pq
 
+        emb_path, meta_path = self.emb_paths[shard], self.meta_paths[shard]
         emb = np.load(emb_path, mmap_mode="r")  # header only; the data stays on disk
         if emb.ndim != 2:
             raise SourceError(f"{emb_path!r}: expected a 2-d embedding array, got shape {emb.shape}")
@@ -599,34 +614,66 @@ class PrecomputedSource(Source):
             )
         cols = [c for c in (self.uid_column, self.label_column, self.caption_column, self.location_column) if c]
         table = _read_table(meta_path, list(dict.fromkeys(cols)))
-        uids = _column_as_str(table, self.uid_column, meta_path, allow_null=False)
-        labels = _column_as_str(table, self.label_column, meta_path, allow_null=True) if self.label_column else None
-        caps = _column_as_str(table, self.caption_column, meta_path, allow_null=True) if self.caption_column else None
-        locs = _column_as_str(table, self.location_column, meta_path, allow_null=True) if self.location_column else None
-        return [
-            SampleRef(
-                uid=uid,  # type: ignore[arg-type]
-                location=(locs[i] if locs is not None and locs[i] is not None else f"{emb_path}#{i}"),
-                label=labels[i] if labels is not None else None,
-                caption=caps[i] if caps is not None else None,
-            )
-            for i, uid in enumerate(uids)
-        ]
+
+        def column(name: str | None, allow_null: bool) -> list[str | None]:
+            return [None] * meta_rows if name is None else _column_as_str(table, name, meta_path, allow_null=allow_null)
+
+        frame = pl.DataFrame(
+            {
+                "uid": column(self.uid_column, False),
+                "location": column(self.location_column, True),
+                "label": column(self.label_column, True),
+                "caption": column(self.caption_column, True),
+            },
+            schema={"uid": pl.String, "location": pl.String, "label": pl.String, "caption": pl.String},
+        )
+        default_location = pl.format("{}#{}", pl.lit(emb_path), pl.int_range(pl.len()))
+        return frame.with_columns(pl.col("location").fill_null(default_location))
+
+    def scan_shards(self) -> list[int]:
+        """Validates every file pair and that uids are unique across all of them; returns the rows per pair.
+
+        Holds one uid column at a time plus the uids' 64-bit hashes (8 bytes a row); only uids whose hash repeats
+        are compared as strings. Cached, like refs().
+        """
+        import polars as pl
+
+        if self._shard_sizes:
+            return list(self._shard_sizes)
+        sizes, hashes, labelled = [], [], False
+        for shard in range(len(self.emb_paths)):
+            frame = self.shard_frame(shard)
+            sizes.append(frame.height)
+            hashes.append(frame["uid"].hash(seed=0).to_numpy())
+            labelled = labelled or frame["label"].null_count() < frame.height
+        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        unique, counts = np.unique(all_hashes, return_counts=True)
+        repeated = unique[counts > 1]
+        if len(repeated):  # a repeated hash is a repeated uid or (rarely) a collision: compare those uids exactly
+            suspects = [
+                self.shard_frame(shard).filter(pl.Series(h).is_in(repeated))["uid"]
+                for shard, h in enumerate(hashes) if np.isin(h, repeated).any()
+            ]
+            check_unique_uids(pl.concat(suspects).to_list())
+        self._shard_sizes, self._has_labels = sizes, labelled
+        return list(sizes)
+
+    def has_labels(self) -> bool:
+        """Whether any metadata row has a label (scan_shards() reads it)."""
+        self.scan_shards()
+        return self._has_labels
 
     def _scan(self) -> list[SampleRef]:
-        refs: list[SampleRef] = []
-        sizes = []
-        for emb_path, meta_path in zip(self.emb_paths, self.meta_paths):
-            shard = self._shard_refs(emb_path, meta_path)
-            refs.extend(shard)
-            sizes.append(len(shard))
-        self._shard_sizes = sizes
-        return refs
+        self.scan_shards()
+        return [
+            SampleRef(uid=uid, location=location, label=label, caption=caption)
+            for shard in range(len(self.emb_paths))
+            for uid, location, label, caption in self.shard_frame(shard).iter_rows()
+        ]
 
     def shard_sizes(self) -> list[int]:
-        """Rows per (embedding, metadata) file pair, in order (validated by refs())."""
-        self.refs()
-        return list(self._shard_sizes)
+        """Rows per (embedding, metadata) file pair, in order (validated by scan_shards())."""
+        return self.scan_shards()
 
     def iter_shards(self) -> Iterator[tuple[list[SampleRef], np.ndarray]]:
         """Yields (refs, float32 embeddings) per shard pair, after validating every pair and uid up front.

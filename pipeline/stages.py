@@ -35,8 +35,15 @@ EMBEDDER_STATE_FILE = "embedder_state.npz"
 @dataclass
 class IngestPlan:
     source: Any
-    refs: list[Any]
+    refs: list[Any]  # image sources: every SampleRef, until release_refs(); precomputed: [] (tasks read their own file)
     shards: list[tuple[int, int]]
+    n_samples: int
+    has_labels: bool
+
+    def release_refs(self) -> None:
+        """Drops the per-sample refs (one Python object each) once embedding is done, here and in the source's cache."""
+        self.refs = []
+        self.source.forget_refs()
 
 
 @dataclass
@@ -57,17 +64,23 @@ class RunStats:
 
 
 def plan_ingest(cfg: CurateConfig) -> IngestPlan:
-    """Lists the source's samples (uids checked unique) and cuts them into shards."""
+    """Lists the source's samples (uids checked unique) and cuts them into shards. A precomputed source is
+    validated file by file and listed as sizes only: one store shard per embedding file."""
     from pipeline.sources import source_from_config
 
     source = source_from_config(cfg.source.arguments())
+    if cfg.source.kind == "precomputed":
+        sizes = source.scan_shards()
+        if not sum(sizes):
+            raise ValueError(f"source {cfg.source.arguments()} has no samples")
+        ends = np.cumsum(sizes).tolist()
+        return IngestPlan(source=source, refs=[], shards=list(zip([0, *ends[:-1]], ends)), n_samples=int(ends[-1]),
+                          has_labels=source.has_labels())
     refs = source.refs()
     if not refs:
         raise ValueError(f"source {cfg.source.arguments()} has no samples")
-    if cfg.source.kind == "precomputed":  # one store shard per embedding file
-        ends = np.cumsum(source.shard_sizes()).tolist()
-        return IngestPlan(source=source, refs=refs, shards=list(zip([0, *ends[:-1]], ends)))
-    return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size))
+    return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size), n_samples=len(refs),
+                      has_labels=any(r.label is not None for r in refs))
 
 
 def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingStore) -> Any:
@@ -180,34 +193,34 @@ def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan, fan_out: FanOut | No
         raise ValueError("the precomputed source has no shards")
     header = np.load(plan.source.emb_paths[0], mmap_mode="r")
     store = init_store(cfg, plan, None, header.shape[1])
-    calls = [{"source": plan.source, "refs": plan.refs[start:stop], "store_root": store.root, "shard": shard}
-             for shard, (start, stop) in enumerate(plan.shards)]
+    calls = [{"source": plan.source, "store_root": store.root, "shard": shard} for shard in range(len(plan.shards))]
     (fan_out or serial_fan_out)(ingest_precomputed_shard, calls)
     return store
 
 
-def ingest_precomputed_shard(source: Any, refs: list[Any], store_root: str | Path, shard: int) -> dict[str, int]:
+def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) -> dict[str, int]:
     """One embedding file into store shard `shard`: rows L2-normalised in float32 chunk by chunk; zero, NaN or Inf
     rows become meta rows with status bad_embedding. Skipped when the shard is done."""
     store = EmbeddingStore(store_root)
     if store.is_done(shard):
         return {"skipped": 1}
+    samples = source.shard_frame(shard)
     emb = np.load(source.emb_paths[shard], mmap_mode="r")
-    if emb.shape[0] != len(refs):
-        raise ValueError(f"{source.emb_paths[shard]} has {emb.shape[0]} rows, expected {len(refs)}")
-    ok = np.zeros(len(refs), dtype=bool)
+    n = samples.height
+    ok = np.zeros(n, dtype=bool)
     unit = np.empty(emb.shape, dtype=np.float32)
-    for s in range(0, len(refs), 65_536):
+    for s in range(0, n, 65_536):
         x = np.asarray(emb[s:s + 65_536], dtype=np.float32)
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
         ok[s:s + len(x)] = good
         unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
-    meta = [
-        {"uid": r.uid, "location": r.location, "label": r.label, "caption": r.caption, "sha1": None,
-         "width": 0, "height": 0, "status": "ok" if good else "bad_embedding"}
-        for r, good in zip(refs, ok.tolist())
-    ]
+    meta = samples.with_columns(
+        pl.lit(None, dtype=pl.String).alias("sha1"),
+        pl.lit(0, dtype=pl.Int32).alias("width"),
+        pl.lit(0, dtype=pl.Int32).alias("height"),
+        pl.Series("status", np.where(ok, "ok", "bad_embedding"), dtype=pl.String),
+    )
     store.write_shard(shard, unit[ok], meta)
     return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
@@ -249,16 +262,79 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
     return targets
 
 
-def open_rows(store: EmbeddingStore) -> tuple[StoreRows, pl.DataFrame]:
-    """The store's ok embeddings as a lazy n × d view (nothing read yet) and their meta rows."""
+@dataclass
+class OkRows:
+    """Facts about the store's ok rows that scoring needs, as a few numbers per row (no Python object per row).
+
+    Row i of the scorers is the i-th ok row in shard order (the order of StoreRows).
+    """
+
+    shards: list[int]  # store shards, in order
+    ok_counts: list[int]  # ok rows per shard
+    uid_rank: np.ndarray  # int64 rank of each row's uid in string order: the scorers' tie-break, same as the uids
+    labels: np.ndarray | None  # object array over the few distinct label strings (8 bytes a row); None without labels
+    uid_file: Path  # Arrow IPC file of the rows' uids in row order, memory-mapped to name dup_of originals
+
+    def __len__(self) -> int:
+        return len(self.uid_rank)
+
+    def bounds(self, position: int) -> tuple[int, int]:
+        """Row range of the `position`-th shard."""
+        start = sum(self.ok_counts[:position])
+        return start, start + self.ok_counts[position]
+
+
+def open_rows(store: EmbeddingStore) -> tuple[StoreRows, OkRows]:
+    """The store's ok embeddings as a lazy n × d view (nothing read yet) and the ok rows' compact facts.
+
+    Reads every shard's meta once (checking row counts and widths against the embeddings). The uids are held as one
+    Arrow string column only while they are ranked and written to <store>/index/uids-<fingerprint>.arrow.
+    """
+    import pyarrow as pa
+
     store.check_complete()
     info = store.info()
-    paths, metas = [], []
-    for shard, _, meta in store.iter_shards():  # checks every shard's row count and width against its meta
+    shards, paths, counts, uids, labels = [], [], [], [], []
+    for shard, _, meta in store.iter_shards():
+        ok = meta.filter(pl.col("status") == "ok")
+        shards.append(shard)
         paths.append(store.emb_path(shard))
-        metas.append(meta.filter(pl.col("status") == "ok"))
+        counts.append(ok.height)
+        uids.append(ok["uid"])
+        labels.append(ok["label"])
+    all_uids = pl.concat(uids) if uids else pl.Series("uid", [], dtype=pl.String)
+    del uids
+    uid_rank = (all_uids.rank("ordinal").cast(pl.Int64) - 1).to_numpy()
+    uid_file = store.root / "index" / f"uids-{store.fingerprint()}.arrow"
+    if not uid_file.exists():
+        uid_file.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"uid": all_uids.to_arrow()})
+        with atomic_path(uid_file) as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=1 << 20)
+    del all_uids
+    label_column = pl.concat(labels) if labels else pl.Series("label", [], dtype=pl.String)
     rows = StoreRows.open(paths, dim=info.dim, dtype=info.dtype)
-    return rows, (pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA))
+    return rows, OkRows(shards=shards, ok_counts=counts, uid_rank=uid_rank, labels=shared_strings(label_column), uid_file=uid_file)
+
+
+def shared_strings(column: pl.Series) -> np.ndarray | None:
+    """An object array of `column` whose equal strings are one Python object (8 bytes a row for a few distinct
+    values, e.g. class labels); None when the column is all null."""
+    if column.null_count() == len(column):
+        return None
+    names = np.array([None, *column.drop_nulls().unique().sort().to_list()], dtype=object)
+    codes = column.rank("dense").fill_null(0).cast(pl.Int64).to_numpy()
+    return names[codes]
+
+
+def uids_at(uid_file: Path, rows: np.ndarray) -> list[str]:
+    """The uids of the given rows, read through a memory map of open_rows' uid file (only the pages touched)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(uid_file)) as source:
+        column = pa.ipc.open_file(source).read_all().column("uid")
+        return column.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
 
 
 def kmeans_params(cfg: CurateConfig) -> KMeansParams:
@@ -327,65 +403,102 @@ def assign_shard(store_root: str | Path, shard: int, centroids: np.ndarray, key:
     return len(ids)
 
 
-def score_and_assemble(
+def score(
     cfg: CurateConfig,
     store: EmbeddingStore,
-    emb: np.ndarray,
-    ok_meta: pl.DataFrame,
+    emb: Any,
+    rows: OkRows,
     kmeans: KMeansResult,
     targets: dict[str, np.ndarray] | None = None,
     fan_out: FanOut | None = None,
-) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
-    """Runs the configured steps and assembles manifest rows for every sample, unusable ones included."""
-    uids = ok_meta["uid"].to_numpy().astype(object)
-    labels = ok_meta["label"].to_numpy().astype(object) if ok_meta["label"].null_count() < ok_meta.height else None
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Runs the configured steps over the ok rows; returns run_steps' per-row columns and one note per step."""
+    needs_sha1 = any(s.scorer == "exact_dup" for s in cfg.steps)
     ctx = ScoringContext(
         emb=emb,
-        uids=uids,
-        labels=labels,
-        sha1=ok_meta["sha1"].to_numpy().astype(object),
+        uids=rows.uid_rank,
+        labels=rows.labels,
+        sha1=store.all_meta(pl.col("status") == "ok", ["sha1"])["sha1"].to_numpy().astype(object) if needs_sha1 else None,
         kmeans=kmeans,
-        alive=np.ones(len(uids), dtype=bool),
-        n_scorable=len(uids),
+        alive=np.ones(len(rows), dtype=bool),
+        n_scorable=len(rows),
         seed=cfg.seed,
         device=cfg.embed.device,
         targets=targets or {},
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
     )
-    columns, notes = run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])
-    return _assemble(store, ok_meta, kmeans, columns), notes
+    return run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])
 
 
-def _assemble(store: EmbeddingStore, ok_meta: pl.DataFrame, kmeans: KMeansResult, columns: dict[str, Any]) -> pl.DataFrame:
-    reason = columns.pop("reason")
-    dup_idx = columns.pop("dup_of")
-    weight = columns.pop("weight")
-    uids = ok_meta["uid"].to_numpy().astype(object)
-    dup_uid = np.where(dup_idx >= 0, uids[np.maximum(dup_idx, 0)], None)
-    keep = np.array([r is None for r in reason])
-    scored = ok_meta.select("uid", "label", "location", "caption", "status").with_columns(
-        pl.Series("keep", keep),
+def write_curate_manifest(
+    cfg: CurateConfig,
+    store: EmbeddingStore,
+    rows: OkRows,
+    kmeans: KMeansResult,
+    columns: dict[str, np.ndarray],
+    notes: list[dict[str, Any]],
+    stats: RunStats,
+    fan_out: FanOut | None = None,
+) -> tuple[Path, dict[str, int]]:
+    """The run's manifest, one part per store shard, each built by a task from its shard's meta and its slice of
+    the scored columns; run.json last. Returns the manifest path and the counts written to run.json."""
+    from pipeline.manifest import commit_manifest
+
+    counts = manifest_counts(columns["reason"], n_bad=sum(n for s, n in store_status_counts(store).items() if s != "ok"))
+    info = run_info(cfg, store, counts, notes, stats)
+    cluster = kmeans.assignment.astype(np.int32)
+    calls = []
+    for position, shard in enumerate(rows.shards):
+        start, stop = rows.bounds(position)
+        part_columns = {name: values[start:stop] for name, values in columns.items()}
+        calls.append({"store_root": store.root, "shard": shard, "columns": {**part_columns, "cluster": cluster[start:stop]},
+                      "uid_file": rows.uid_file, "index": position})
+    return commit_manifest(cfg.run_dir, info, build_manifest_part, calls, fan_out=fan_out), counts
+
+
+def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, np.ndarray], uid_file: Path, path: Path) -> int:
+    """One store shard's manifest rows, sorted by uid: its ok rows with their scored columns (dup_of row numbers
+    named by uid), its unusable rows as reason bad_input. Validated and written to `path`; returns the rows."""
+    from pipeline.manifest import conform, validate, write_part
+
+    meta = EmbeddingStore(store_root).read_meta(shard).select("uid", "label", "location", "caption", "status")
+    columns = dict(columns)
+    reason, dup_idx, weight, cluster = columns.pop("reason"), columns.pop("dup_of"), columns.pop("weight"), columns.pop("cluster")
+    dup_uid = np.full(len(dup_idx), None, dtype=object)
+    has_dup = dup_idx >= 0
+    if has_dup.any():
+        dup_uid[has_dup] = uids_at(uid_file, dup_idx[has_dup])
+    ok = meta.filter(pl.col("status") == "ok").with_columns(
+        pl.Series("keep", np.array([r is None for r in reason], dtype=bool)),
         pl.Series("weight", weight),
-        pl.Series("cluster", kmeans.assignment.astype(np.int32)),
+        pl.Series("cluster", cluster),
         pl.Series("reason", reason.tolist(), dtype=pl.String),
         pl.Series("dup_of", dup_uid.tolist(), dtype=pl.String),
         *[pl.Series(name, values) for name, values in columns.items()],
     )
-    bad = store.all_meta(pl.col("status") != "ok", ["uid", "label", "location", "caption", "status"])
-    if bad.height:
-        bad = bad.with_columns(
-            pl.lit(False).alias("keep"),
-            pl.lit(0.0, dtype=pl.Float32).alias("weight"),
-            pl.lit(-1, dtype=pl.Int32).alias("cluster"),
-            pl.lit("bad_input").alias("reason"),
-            pl.lit(None, dtype=pl.String).alias("dup_of"),
-        )
-        scored = pl.concat([scored, bad], how="diagonal_relaxed")
-    return scored.sort("uid")
+    bad = meta.filter(pl.col("status") != "ok").with_columns(
+        pl.lit(False).alias("keep"),
+        pl.lit(0.0, dtype=pl.Float32).alias("weight"),
+        pl.lit(-1, dtype=pl.Int32).alias("cluster"),
+        pl.lit("bad_input").alias("reason"),
+        pl.lit(None, dtype=pl.String).alias("dup_of"),
+    )
+    part = conform(pl.concat([ok, bad], how="diagonal_relaxed").sort("uid"))
+    validate(part)
+    return write_part(part, path)
 
 
-def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, notes: list[dict[str, Any]], stats: RunStats) -> dict[str, Any]:
+def manifest_counts(reason: np.ndarray, *, n_bad: int) -> dict[str, Any]:
+    """run.json's counts for a manifest of the scored rows' `reason`s (None = kept) plus n_bad bad_input rows."""
+    values, counts = np.unique(np.array(["" if r is None else r for r in reason], dtype=object), return_counts=True)
+    by_reason = {("kept" if v == "" else str(v)): int(c) for v, c in zip(values, counts)}
+    if n_bad:
+        by_reason["bad_input"] = by_reason.get("bad_input", 0) + n_bad
+    return {"samples": len(reason) + n_bad, "kept": by_reason.get("kept", 0), "by_reason": dict(sorted(by_reason.items()))}
+
+
+def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], notes: list[dict[str, Any]], stats: RunStats) -> dict[str, Any]:
     """The run.json sidecar: config, code version, input fingerprint, counts per stage and reason, timings."""
     import importlib.metadata as md
 
@@ -395,18 +508,12 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, n
         except md.PackageNotFoundError:
             return "not installed"
 
-    reasons = manifest.group_by("reason").len().sort("reason")
     return {
         "config": cfg.model_dump(mode="json"),
         "versions": {p: version(p) for p in ("winnow", "torch", "open_clip_torch", "faiss-cpu", "polars", "prefect")},
         "python": platform.python_version(),
         "store": {"path": str(store.root), "fingerprint": store.fingerprint()},
-        "counts": {
-            "samples": manifest.height,
-            "kept": int(manifest["keep"].sum()),
-            "by_reason": {"kept" if r is None else str(r): int(c) for r, c in reasons.iter_rows()},
-            **stats.counts,
-        },
+        "counts": {**counts, **stats.counts},
         "steps": notes,
         "orientation": {name: STEPS[name].orientation for name in {s.scorer for s in cfg.steps}},
         "timings_s": {k: round(v, 3) for k, v in stats.timings.items()},
@@ -416,13 +523,12 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, manifest: pl.DataFrame, n
 
 
 def store_status_counts(store: EmbeddingStore) -> dict[str, int]:
-    meta = store.all_meta(columns=["status"])
-    return {str(s): int(c) for s, c in meta.group_by("status").len().sort("status").iter_rows()}
-
-
-def rows_per_manifest_part(plan: IngestPlan) -> int:
-    """One manifest part per store shard."""
-    return max(stop - start for start, stop in plan.shards)
+    """Meta rows by status over every finished shard (counted shard by shard)."""
+    counts: dict[str, int] = {}
+    for shard in store.done_shards():
+        for status, n in store.read_meta(shard).group_by("status").len().iter_rows():
+            counts[str(status)] = counts.get(str(status), 0) + int(n)
+    return dict(sorted(counts.items()))
 
 
 def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
@@ -432,7 +538,7 @@ def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
     Returns run.json's content, plus the manifest stage's own time (run.json is written inside that stage).
     """
     from pipeline.config import check_before_embedding
-    from pipeline.manifest import read_run_info, write_manifest
+    from pipeline.manifest import read_run_info
 
     stats = RunStats()
     with stats.timed("ingest"):
@@ -447,19 +553,19 @@ def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
             store = init_store(cfg, plan, embedder, embedder.dim)
             for shard, (start, stop) in enumerate(plan.shards):
                 embed_shard(cfg, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
-        plan.refs = []
+        plan.release_refs()
     stats.counts["store_status"] = store_status_counts(store)
     with stats.timed("index"):
-        emb, ok_meta = open_rows(store)
+        emb, rows = open_rows(store)
         kmeans = fit_index(cfg, store, emb)
     targets = {}
     if any("target" in s.knobs() for s in cfg.steps):
         with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
     with stats.timed("score"):
-        frame, notes = score_and_assemble(cfg, store, emb, ok_meta, kmeans, targets)
+        columns, notes = score(cfg, store, emb, rows, kmeans, targets)
     with stats.timed("manifest"):
-        write_manifest(frame, cfg.run_dir, run_info(cfg, store, frame, notes, stats), rows_per_part=rows_per_manifest_part(plan))
+        write_curate_manifest(cfg, store, rows, kmeans, columns, notes, stats)
     info = read_run_info(cfg.run_dir)
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
     info["stage_spans"]["manifest"] = stats.spans["manifest"]

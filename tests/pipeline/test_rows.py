@@ -16,7 +16,8 @@ from pipeline.steps import ScoringContext, cluster_batches, run_steps
 from pipeline.store import EmbeddingStore, StoreInfo
 
 
-def _store(root, sizes=(300, 0, 250, 400), dim=16, seed=0) -> EmbeddingStore:
+def _store(root, sizes=(300, 0, 250, 400), dim=16, seed=0, uid=lambda i: f"u{i:05d}", label=lambda i: None,
+           sha1=str) -> EmbeddingStore:
     rng = np.random.default_rng(seed)
     store = EmbeddingStore(root)
     store.init(StoreInfo(dim=dim, dtype="float16", embedder={"kind": "test"}, source={"kind": "test"}, shard_size=400,
@@ -30,8 +31,9 @@ def _store(root, sizes=(300, 0, 250, 400), dim=16, seed=0) -> EmbeddingStore:
         status = ["ok"] * n
         if n:
             status[-1] = "decode_error"  # a bad row: in the meta, not in the embeddings
-        meta = pl.DataFrame({"uid": [f"u{start + i:05d}" for i in range(n)], "location": [None] * n, "label": [None] * n,
-                             "caption": [None] * n, "sha1": [f"{start + i}" for i in range(n)], "width": [8] * n,
+        meta = pl.DataFrame({"uid": [uid(start + i) for i in range(n)], "location": [None] * n,
+                             "label": [label(start + i) for i in range(n)],
+                             "caption": [None] * n, "sha1": [sha1(start + i) for i in range(n)], "width": [8] * n,
                              "height": [8] * n, "status": status},
                             schema={"uid": pl.String, "location": pl.String, "label": pl.String, "caption": pl.String,
                                     "sha1": pl.String, "width": pl.Int32, "height": pl.Int32, "status": pl.String})
@@ -43,8 +45,8 @@ def _store(root, sizes=(300, 0, 250, 400), dim=16, seed=0) -> EmbeddingStore:
 def test_store_rows_reads_like_the_loaded_array(tmp_path):
     store = _store(tmp_path / "s")
     loaded, meta = store.load()
-    rows, ok_meta = stages.open_rows(store)
-    assert rows.shape == loaded.shape and rows.dtype == np.float16 and ok_meta.equals(meta)
+    rows, ok = stages.open_rows(store)
+    assert rows.shape == loaded.shape and rows.dtype == np.float16 and len(ok) == meta.height
     assert np.array_equal(np.asarray(rows), loaded)
     rng = np.random.default_rng(1)
     idx = rng.integers(-len(loaded), len(loaded), 500)  # repeats, negatives, any order, across shards
@@ -112,10 +114,51 @@ def test_cluster_batches_are_whole_clusters_with_balanced_work():
     assert max(work) <= 4 / 3 * max(np.mean(work), np.bincount(clusters).max() ** 2.0)
 
 
+def test_ok_rows_hold_uid_ranks_shared_labels_and_a_uid_file(tmp_path):
+    rng = np.random.default_rng(5)
+    names = [f"{rng.integers(0, 10**6):06d}-{i}" for i in range(1000)]  # string order unrelated to row order
+    store = _store(tmp_path / "s", uid=lambda i: names[i], label=lambda i: None if i % 7 == 0 else f"class{i % 3}")
+    _, meta = store.load()
+    _, ok = stages.open_rows(store)
+    uids = meta["uid"].to_numpy().astype(str)
+    assert np.array_equal(ok.uid_rank, np.argsort(np.argsort(uids, kind="stable"), kind="stable"))
+    assert ok.ok_counts == [299, 0, 249, 399] and ok.bounds(2) == (299, 548)
+    assert ok.labels.tolist() == meta["label"].to_list()
+    assert len({id(x) for x in ok.labels if x is not None}) == 3  # one object per distinct label
+    picks = np.array([546, 0, 946, 546, 300])
+    assert stages.uids_at(ok.uid_file, picks) == uids[picks].tolist()
+    assert stages.shared_strings(pl.Series([None, None], dtype=pl.String)) is None
+
+
+def test_steps_given_uid_ranks_decide_exactly_as_given_uid_strings(tmp_path):
+    """The flow hands the scorers int64 uid ranks instead of strings: every tie-break (exact_dup's original,
+    SemDeDup's kept member, DBP's equal distances) must come out the same."""
+    rng = np.random.default_rng(9)
+    names = [f"{rng.integers(0, 10**6):06d}-{i}" for i in range(1000)]
+    store = _store(tmp_path / "s", uid=lambda i: names[i], label=lambda i: f"class{i % 3}", sha1=lambda i: str(i % 900))
+    emb, meta = store.load()
+    _, ok = stages.open_rows(store)
+    kmeans = spherical_kmeans(emb, KMeansParams(k=6, seed=3))
+    steps = [("exact_dup", {}), ("semdedup", {"eps": 0.002}), ("dbp", {"keep_fraction": 0.3, "keep": "easy"}),
+             ("prototype", {"keep_fraction": 0.2})]
+
+    def run(uids, labels):
+        ctx = ScoringContext(emb=emb, uids=uids, labels=labels, sha1=meta["sha1"].to_numpy().astype(object), kmeans=kmeans,
+                             alive=np.ones(len(meta), bool), n_scorable=len(meta))
+        return run_steps(ctx, steps)
+
+    by_string, notes = run(meta["uid"].to_numpy().astype(object), meta["label"].to_numpy().astype(object))
+    by_rank, _ = run(ok.uid_rank, ok.labels)
+    assert [n["dropped"] for n in notes][:2] != [0, 0]
+    for name, values in by_string.items():
+        assert np.array_equal(np.asarray(values), np.asarray(by_rank[name]), equal_nan=values.dtype.kind == "f"), name
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_fanned_out_semdedup_and_dbp_equal_the_single_call(tmp_path, lazy):
     store = _store(tmp_path / "s")
-    rows, meta = stages.open_rows(store)
+    rows, _ = stages.open_rows(store)
+    meta = store.load()[1]
     emb = rows if lazy else store.load()[0]
     kmeans = spherical_kmeans(store.load()[0], KMeansParams(k=6, seed=3))
     steps = [("semdedup", {"eps": 0.002, "eps_grid": [0.0005, 0.002, 0.05]}), ("dbp", {"keep_fraction": 0.4}), ("prototype", {})]
