@@ -208,20 +208,22 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) ->
     emb = np.load(source.emb_paths[shard], mmap_mode="r")
     n = samples.height
     ok = np.zeros(n, dtype=bool)
-    unit = np.empty(emb.shape, dtype=np.float32)
+    unit = np.empty(emb.shape, dtype=store.info().dtype)  # normalised in float32, held in the store's dtype
     for s in range(0, n, 65_536):
         x = np.asarray(emb[s:s + 65_536], dtype=np.float32)
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
         ok[s:s + len(x)] = good
         unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
+    if not ok.all():
+        unit = unit[ok]
     meta = samples.with_columns(
         pl.lit(None, dtype=pl.String).alias("sha1"),
         pl.lit(0, dtype=pl.Int32).alias("width"),
         pl.lit(0, dtype=pl.Int32).alias("height"),
         pl.Series("status", np.where(ok, "ok", "bad_embedding"), dtype=pl.String),
     )
-    store.write_shard(shard, unit[ok], meta)
+    store.write_shard(shard, unit, meta)
     return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
 
