@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -493,8 +494,7 @@ def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, n
 
 def manifest_counts(reason: np.ndarray, *, n_bad: int) -> dict[str, Any]:
     """run.json's counts for a manifest of the scored rows' `reason`s (None = kept) plus n_bad bad_input rows."""
-    values, counts = np.unique(np.array(["" if r is None else r for r in reason], dtype=object), return_counts=True)
-    by_reason = {("kept" if v == "" else str(v)): int(c) for v, c in zip(values, counts)}
+    by_reason = {("kept" if r is None else str(r)): n for r, n in Counter(reason.tolist()).items()}
     if n_bad:
         by_reason["bad_input"] = by_reason.get("bad_input", 0) + n_bad
     return {"samples": len(reason) + n_bad, "kept": by_reason.get("kept", 0), "by_reason": dict(sorted(by_reason.items()))}
