@@ -277,6 +277,7 @@ class OkRows:
     uid_rank: np.ndarray  # int64 rank of each row's uid in string order: the scorers' tie-break, same as the uids
     labels: np.ndarray | None  # object array over the few distinct label strings (8 bytes a row); None without labels
     uid_file: Path  # Arrow IPC file of the rows' uids in row order, memory-mapped to name dup_of originals
+    bad_rows: int  # meta rows that are not ok (the manifest's bad_input rows)
 
     def __len__(self) -> int:
         return len(self.uid_rank)
@@ -297,9 +298,10 @@ def open_rows(store: EmbeddingStore) -> tuple[StoreRows, OkRows]:
 
     store.check_complete()
     info = store.info()
-    shards, paths, counts, uids, labels = [], [], [], [], []
+    shards, paths, counts, uids, labels, bad_rows = [], [], [], [], [], 0
     for shard, _, meta in store.iter_shards():
         ok = meta.filter(pl.col("status") == "ok")
+        bad_rows += meta.height - ok.height
         shards.append(shard)
         paths.append(store.emb_path(shard))
         counts.append(ok.height)
@@ -318,7 +320,8 @@ def open_rows(store: EmbeddingStore) -> tuple[StoreRows, OkRows]:
     del all_uids
     label_column = pl.concat(labels) if labels else pl.Series("label", [], dtype=pl.String)
     rows = StoreRows.open(paths, dim=info.dim, dtype=info.dtype)
-    return rows, OkRows(shards=shards, ok_counts=counts, uid_rank=uid_rank, labels=shared_strings(label_column), uid_file=uid_file)
+    return rows, OkRows(shards=shards, ok_counts=counts, uid_rank=uid_rank, labels=shared_strings(label_column), uid_file=uid_file,
+                      bad_rows=bad_rows)
 
 
 def shared_strings(column: pl.Series) -> np.ndarray | None:
@@ -448,7 +451,7 @@ def write_curate_manifest(
     the scored columns; run.json last. Returns the manifest path and the counts written to run.json."""
     from pipeline.manifest import commit_manifest
 
-    counts = manifest_counts(columns["reason"], n_bad=sum(n for s, n in store_status_counts(store).items() if s != "ok"))
+    counts = manifest_counts(columns["reason"], n_bad=rows.bad_rows)
     info = run_info(cfg, store, counts, notes, stats)
     cluster = kmeans.assignment.astype(np.int32)
     calls = []

@@ -122,7 +122,7 @@ def test_ok_rows_hold_uid_ranks_shared_labels_and_a_uid_file(tmp_path):
     _, ok = stages.open_rows(store)
     uids = meta["uid"].to_numpy().astype(str)
     assert np.array_equal(ok.uid_rank, np.argsort(np.argsort(uids, kind="stable"), kind="stable"))
-    assert ok.ok_counts == [299, 0, 249, 399] and ok.bounds(2) == (299, 548)
+    assert ok.ok_counts == [299, 0, 249, 399] and ok.bounds(2) == (299, 548) and ok.bad_rows == 3
     assert ok.labels.tolist() == meta["label"].to_list()
     assert len({id(x) for x in ok.labels if x is not None}) == 3  # one object per distinct label
     picks = np.array([546, 0, 946, 546, 300])
