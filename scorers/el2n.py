@@ -76,6 +76,8 @@ class EL2NResult:
     grand: np.ndarray
     aum: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    probs: np.ndarray | None = None  # float32 [n, classes] out-of-fold softmax after the last epoch (return_probs)
+    classes: np.ndarray | None = None  # the label of each probs column (sorted unique labels)
 
 
 def encode_labels(labels: np.ndarray | Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -222,6 +224,7 @@ def el2n_embedding_scores(
     batch_size: int | None = None,
     grand_params: str = "all",
     return_aum: bool = False,
+    return_probs: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
     preload_max_bytes: int = 8 << 30,
@@ -248,6 +251,8 @@ def el2n_embedding_scores(
         grand_params: for the MLP head, ``"all"`` head parameters or the ``"last"`` layer only (the linear
             head has one layer, so both are the same).
         return_aum: also compute AUM (Pleiss et al. 2020) from the same run, out-of-fold.
+        return_probs: also return the out-of-fold predicted probabilities after the last epoch (``epochs``),
+            averaged over seeds: the input cleanlab's confident learning expects (``scorers.label_issues``).
         device: ``"cpu"``, ``"cuda"``, a torch device, or ``"auto"``.
         seed: seeds the folds, inits and shuffles; same seed → same scores on the same device/threads.
 
@@ -311,10 +316,11 @@ def el2n_embedding_scores(
     el2n_sum = torch.zeros(n, dtype=torch.float64, device=dev)
     grand_sum = torch.zeros(n, dtype=torch.float64, device=dev)
     aum_sum = torch.zeros(n, dtype=torch.float64, device=dev) if return_aum else None
+    probs_sum = torch.zeros((n, n_classes), dtype=torch.float32, device=dev) if return_probs else None
     oof_correct = 0
     chunk = max(1024, min(65536, (1 << 26) // max(dim, 1)))
 
-    last_epoch = epochs if return_aum else score_epoch
+    last_epoch = epochs if (return_aum or return_probs) else score_epoch
     for epoch in range(1, last_epoch + 1):
         heads.train()
         # One shuffle per epoch shared by all heads (one GEMM serves every head); seeds still differ
@@ -338,7 +344,8 @@ def el2n_embedding_scores(
             opt.step()
 
         scoring = epoch == score_epoch
-        if not (scoring or return_aum):
+        want_probs = probs_sum is not None and epoch == epochs
+        if not (scoring or return_aum or want_probs):
             continue
         heads.eval()
         with torch.no_grad():
@@ -358,6 +365,8 @@ def el2n_embedding_scores(
                             oof_correct += int((logits.argmax(1) == yr).sum())
                         if aum_sum is not None:
                             aum_sum.index_add_(0, ids, margins(logits, yr).double())
+                        if want_probs:
+                            probs_sum.index_add_(0, ids, torch.softmax(logits.float(), dim=1))
 
     el2n_out = (el2n_sum / n_seeds).float().cpu().numpy()
     grand_out = (grand_sum / n_seeds).float().cpu().numpy()
@@ -391,7 +400,9 @@ def el2n_embedding_scores(
         "oof_accuracy_at_score_epoch": oof_correct / (n * n_seeds),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return EL2NResult(el2n=el2n_out, grand=grand_out, aum=aum_out, info=info)
+    probs_out = (probs_sum / n_seeds).cpu().numpy() if probs_sum is not None else None
+    return EL2NResult(el2n=el2n_out, grand=grand_out, aum=aum_out, info=info, probs=probs_out,
+                      classes=classes if return_probs else None)
 
 
 # --------------------------------------------------------------------------------------------------

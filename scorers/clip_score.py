@@ -1,0 +1,66 @@
+"""CLIP score and label–image agreement from the image and text towers of one CLIP model.
+
+- :func:`clip_scores`: cosine similarity between a row's image embedding and its caption's text embedding (Hessel et
+  al., EMNLP 2021, "CLIPScore", without the 2.5 rescaling; the filter of Schuhmann et al. 2021, LAION-400M, threshold
+  0.28 with ViT-B/32, and Gadre et al. 2023, DataComp, whose strongest simple baseline keeps the top 30% by it).
+  Orientation: **higher = caption and image agree more** = more worth keeping. NaN where a row has no caption.
+- :func:`label_agreement`: zero-shot classification with "a photo of a {label}" prompts (Radford et al. 2021, CLIP);
+  a row whose own label is not among the top_k classes is a label–image mismatch. ``rank`` orientation: lower = the
+  label agrees more (0 = the top class).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["clip_scores", "label_agreement", "AgreementResult", "PROMPT"]
+
+PROMPT = "a photo of a {label}."
+_ROWS = 16_384
+
+
+def clip_scores(image_emb: Any, text_emb: np.ndarray, *, has_text: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise cosine similarity of unit image and text embeddings (n × d each); NaN where ``has_text`` is False."""
+    n = image_emb.shape[0]
+    if text_emb.shape != (n, image_emb.shape[1]):
+        raise ValueError(f"text embeddings {text_emb.shape} do not align with image embeddings {image_emb.shape}")
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, _ROWS):
+        a = np.asarray(image_emb[start:start + _ROWS], dtype=np.float32)
+        b = np.asarray(text_emb[start:start + _ROWS], dtype=np.float32)
+        out[start:start + len(a)] = np.einsum("ij,ij->i", a, b)
+    if has_text is not None:
+        out[~np.asarray(has_text, dtype=bool)] = np.nan
+    return out
+
+
+@dataclass(frozen=True)
+class AgreementResult:
+    rank: np.ndarray  # int64 [n]: how many classes score above the row's own label (0 = own label on top)
+    own_score: np.ndarray  # float32 [n]: similarity to the own label's prompt
+    predicted: np.ndarray  # int64 [n]: the zero-shot class
+    mismatch: np.ndarray  # bool [n]: own label not in the top_k
+
+
+def label_agreement(image_emb: Any, class_text_emb: np.ndarray, codes: np.ndarray, *, top_k: int = 1) -> AgreementResult:
+    """Zero-shot agreement of each row's label: ``class_text_emb`` is C × d (one unit prompt embedding per class,
+    in code order), ``codes`` the rows' labels as ints in [0, C). Ties count in the row's favour."""
+    codes = np.asarray(codes, dtype=np.int64)
+    c = class_text_emb.shape[0]
+    if not 1 <= top_k <= c:
+        raise ValueError(f"top_k must be in [1, {c}] (the number of classes), got {top_k}")
+    n = image_emb.shape[0]
+    rank = np.empty(n, dtype=np.int64)
+    own = np.empty(n, dtype=np.float32)
+    pred = np.empty(n, dtype=np.int64)
+    t = np.asarray(class_text_emb, dtype=np.float32)
+    for start in range(0, n, _ROWS):
+        sims = np.asarray(image_emb[start:start + _ROWS], dtype=np.float32) @ t.T
+        y = codes[start:start + len(sims)]
+        o = sims[np.arange(len(sims)), y]
+        own[start:start + len(sims)] = o
+        rank[start:start + len(sims)] = (sims > o[:, None]).sum(axis=1)
+        pred[start:start + len(sims)] = sims.argmax(axis=1)
+    return AgreementResult(rank=rank, own_score=own, predicted=pred, mismatch=rank >= top_k)

@@ -1,0 +1,105 @@
+"""Train/eval leakage (decontamination): training rows that are copies or near-copies of evaluation rows.
+
+Method: exact byte-hash matches first (sha1 of the file bytes), then a FAISS range search of the training rows against
+the evaluation rows' embeddings: a training row leaks when its cosine similarity to some evaluation row is at least
+1 − eps. The match reported is the exact copy if any, else the most similar evaluation row. This is the check the
+decontamination sections of large-data papers run (e.g. Radford et al. 2021, CLIP, appendix C: duplicate detector
+against the eval sets; Gadre et al. 2023, DataComp: removal of near-duplicates of evaluation images), and what
+FiftyOne Brain's and fastdup's leakage reports compute.
+
+Orientation: not a keep score. ``similarity`` is the best cosine similarity to any evaluation row (higher = closer to
+the eval set = more likely leaked); ``match`` is the evaluation row index, -1 for no leak.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LeakResult", "find_leaks"]
+
+_QUERY_ROWS = 16_384
+
+
+@dataclass(frozen=True)
+class LeakResult:
+    match: np.ndarray  # int64 [n_train]: evaluation row this row leaks from, -1 if none
+    similarity: np.ndarray  # float32 [n_train]: best cosine similarity to an evaluation row (NaN when not searched)
+    exact: np.ndarray  # bool [n_train]: matched by byte hash
+
+
+def find_leaks(
+    train_emb: Any,
+    eval_emb: Any,
+    *,
+    eps: float = 0.02,
+    train_hashes: np.ndarray | None = None,
+    eval_hashes: np.ndarray | None = None,
+    index: Any = None,
+) -> LeakResult:
+    """Every training row within ``eps`` (cosine distance) of an evaluation row, exact hash matches first.
+
+    Args:
+        train_emb: n × d unit rows (float16/32, memory-mapped is fine: searched in blocks).
+        eval_emb: m × d unit rows of the evaluation sources (all of them stacked; the caller maps rows to sources).
+        eps: cosine-distance radius; a row leaks when max_j x·e_j ≥ 1 − eps. 0.02 catches re-encoded and slightly
+            resized copies of the same photo while leaving distinct photos of one class apart (measured in the tests).
+        train_hashes, eval_hashes: byte hashes (None entries never match); both or neither.
+        index: optional FAISS inner-product index over ``eval_emb`` (exact flat is built when None).
+
+    Returns:
+        :class:`LeakResult`. similarity is the best similarity found within the radius, or the exact-hash row's
+        similarity, NaN for rows with no evaluation row within the radius.
+    """
+    import faiss
+
+    if not 0 <= eps < 2:
+        raise ValueError(f"eps must be in [0, 2), got {eps}")
+    if (train_hashes is None) != (eval_hashes is None):
+        raise ValueError("give both train_hashes and eval_hashes, or neither")
+    n, d = train_emb.shape
+    m = eval_emb.shape[0]
+    if eval_emb.shape[1] != d:
+        raise ValueError(f"eval embeddings have dim {eval_emb.shape[1]}, training rows {d}")
+    match = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan, dtype=np.float32)
+    exact = np.zeros(n, dtype=bool)
+    if train_hashes is not None:
+        first: dict[Any, int] = {}
+        for j, h in enumerate(eval_hashes):
+            if h is not None:
+                first.setdefault(h, j)
+        for i, h in enumerate(train_hashes):
+            j = first.get(h) if h is not None else None
+            if j is not None:
+                match[i], exact[i] = j, True
+    if m == 0 or n == 0:
+        return LeakResult(match, similarity, exact)
+    if index is None:
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(eval_emb, dtype=np.float32))
+    elif index.ntotal != m:
+        raise ValueError(f"index holds {index.ntotal} rows, eval_emb has {m}")
+    # range_search on an inner-product index returns hits with similarity > radius; nudge by float32 epsilon so
+    # "≥ 1 − eps" holds at the boundary.
+    radius = float(np.nextafter(np.float32(1.0 - eps), np.float32(-np.inf)))
+    for start in range(0, n, _QUERY_ROWS):
+        q = np.ascontiguousarray(train_emb[start:start + _QUERY_ROWS], dtype=np.float32)
+        lims, sims, ids = index.range_search(q, radius)
+        counts = np.diff(lims)
+        rows = np.flatnonzero(counts)
+        for r in rows:
+            seg = slice(lims[r], lims[r + 1])
+            best = int(np.argmax(sims[seg]))
+            i = start + r
+            similarity[i] = sims[seg][best]
+            if not exact[i]:
+                match[i] = ids[seg][best]
+    if exact.any():  # report the exact copy's similarity too (≈ 1, unless the embedder is not deterministic)
+        rows = np.flatnonzero(exact)
+        e = np.asarray(eval_emb[np.sort(match[rows])], dtype=np.float32)
+        order = np.argsort(match[rows], kind="stable")
+        t = np.asarray(train_emb[rows[order]], dtype=np.float32)
+        similarity[rows[order]] = np.einsum("ij,ij->i", t, e)
+    return LeakResult(match, similarity, exact)

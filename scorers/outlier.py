@@ -1,0 +1,102 @@
+"""Outliers in embedding space: distance to the k-th nearest neighbour and a local density ratio.
+
+Method: for each row, the cosine distances (1 − x·y on unit rows) to its k nearest other rows, found with FAISS
+(exact flat inner-product search, or any inner-product index the caller already built over the same rows).
+- ``kth_distance``: distance to the k-th neighbour (Ramaswamy, Rastogi & Shim, SIGMOD 2000, "Efficient algorithms for
+  mining outliers from large data sets"; the kNN-distance outlier score fastdup and FiftyOne Brain also report).
+- ``density_ratio``: the row's mean neighbour distance divided by the mean of its neighbours' own mean neighbour
+  distances: a one-hop local density ratio in the spirit of LOF (Breunig et al., SIGMOD 2000, "LOF: identifying
+  density-based local outliers"), simplified (no reachability distance). About 1 inside a uniform region, > 1 for a
+  row sitting in a sparser spot than its neighbours, so a point near a tight cluster but outside it stands out even when
+  the dataset's density varies from region to region.
+
+Orientation: **higher = more outlying** (less worth keeping) for both scores; a step keeps the lowest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OutlierResult", "knn_search", "outlier_scores"]
+
+_QUERY_ROWS = 16_384  # queries cast to float32 and searched at a time
+
+
+@dataclass(frozen=True)
+class OutlierResult:
+    """Row-aligned with the input. ``neighbors``: n × k row indices (-1 where fewer than k other rows exist)."""
+
+    kth_distance: np.ndarray  # float32 [n], cosine distance to the k-th nearest other row
+    density_ratio: np.ndarray  # float32 [n], mean kNN distance / mean of the neighbours' mean kNN distances
+    neighbors: np.ndarray  # int64 [n, k]
+    distances: np.ndarray  # float32 [n, k], ascending
+
+
+def knn_search(emb: Any, *, k: int, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest *other* rows of every row: (cosine distances n × k ascending, row ids n × k; -1 where missing).
+
+    ``index``: a FAISS inner-product index holding exactly these rows in this order (e.g. the run's kNN index);
+    None builds an exact flat one. A row's own id is removed from its results; when an exact copy pushes the row
+    itself out of the top k+1, the last hit is dropped instead, so every row gets k neighbours.
+    """
+    import faiss
+
+    n, d = emb.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if index is None:
+        index = faiss.IndexFlatIP(d)
+        for start in range(0, n, _QUERY_ROWS):
+            index.add(np.ascontiguousarray(emb[start:start + _QUERY_ROWS], dtype=np.float32))
+    elif index.ntotal != n:
+        raise ValueError(f"index holds {index.ntotal} rows, emb has {n}")
+    kk = min(k + 1, n)
+    dist = np.full((n, k), np.nan, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for start in range(0, n, _QUERY_ROWS):
+        q = np.ascontiguousarray(emb[start:start + _QUERY_ROWS], dtype=np.float32)
+        sim, hit = index.search(q, kk)
+        own = hit == np.arange(start, start + len(q))[:, None]
+        # Drop the row's own hit; rows whose own hit is absent (ties with copies) drop their last hit.
+        keep = ~own
+        no_self = ~own.any(axis=1)
+        keep[no_self, kk - 1] = False
+        sim_k = sim[keep].reshape(len(q), kk - 1)
+        hit_k = hit[keep].reshape(len(q), kk - 1)
+        m = min(k, kk - 1)
+        dist[start:start + len(q), :m] = 1.0 - sim_k[:, :m]
+        ids[start:start + len(q), :m] = hit_k[:, :m]
+    ids[ids < 0] = -1
+    return np.clip(dist, 0.0, 2.0), ids
+
+
+def outlier_scores(emb: Any, *, k: int = 10, index: Any = None) -> OutlierResult:
+    """kNN-distance and local-density-ratio outlier scores of every row (see the module docstring).
+
+    Args:
+        emb: n × d unit rows (float16/32 or a memory-mapped store view).
+        k: neighbours (default 10, as in fastdup/cleanvision-style kNN outlier scores). Needs n > k.
+        index: optional FAISS inner-product index over the same rows (reuses the run's index).
+
+    Returns:
+        :class:`OutlierResult`. Orientation: higher = more outlying.
+    """
+    n = emb.shape[0]
+    if n <= k:
+        raise ValueError(f"outlier needs more than k={k} rows, got {n}")
+    dist, ids = knn_search(emb, k=k, index=index)
+    if (ids < 0).any():  # an approximate index can return fewer than k hits; score with what it found
+        dist = np.where(ids < 0, np.nan, dist)
+    kth = dist[:, -1].copy()
+    missing = ~np.isfinite(kth)
+    if missing.any():
+        kth[missing] = np.nanmax(dist[missing], axis=1)
+    mean_d = np.nanmean(dist, axis=1)
+    neighbour_mean = np.where(ids >= 0, mean_d[np.maximum(ids, 0)], np.nan)
+    denom = np.nanmean(neighbour_mean, axis=1)
+    # An exact-duplicate cluster has zero distances: a ratio of 0/0 means "as dense as its neighbours".
+    ratio = np.where(denom > 1e-12, mean_d / np.maximum(denom, 1e-12), np.where(mean_d > 1e-12, np.inf, 1.0))
+    return OutlierResult(kth_distance=kth.astype(np.float32), density_ratio=ratio.astype(np.float32), neighbors=ids,
+                         distances=dist)
