@@ -261,7 +261,7 @@ def not_found_server() -> Iterator[str]:
 
 
 def test_probe_reports_silent_refused_and_missing_hosts(silent_server: str, not_found_server: str) -> None:
-    from pipeline.embed import _probe_url
+    from pipeline.embed.clip import _probe_url
 
     start = time.monotonic()
     assert "did not answer within 1 s" in (_probe_url(f"{silent_server}/w.bin", 1.0) or "")
