@@ -1,4 +1,4 @@
-"""`winnow` command line: run, deploy, demo, report, validate, summary, distill."""
+"""`winnow` command line: run, deploy, demo, report, validate, summary, distill, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,10 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
         lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
     lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
+    if "evaluation" in info:
+        from pipeline.evaluate import format_evaluation
+
+        lines.append("  " + format_evaluation(info["evaluation"]).replace("\n", "\n  "))
     lines.append(f"  manifest: {manifest_path}")
     lines.append(f"  query it: python -c \"import polars as pl; print(pl.read_parquet('{manifest_path}').group_by('reason').len())\"")
     return "\n".join(lines)
@@ -102,6 +106,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import evaluate_run, format_evaluation
+    from pipeline.manifest import read_run_info
+
+    # the run's own `evaluate:` block, then the flags given here
+    base = read_run_info(args.run_dir).get("config", {}).get("evaluate") or {}
+    flags = {k: v for k, v in {"sweep": args.sweep or None, "seeds": args.seeds, "probe": args.probe,
+                               "holdout_fraction": args.holdout_fraction, "fractions": args.fractions}.items() if v is not None}
+    result = evaluate_run(args.run_dir, EvaluateConfig.model_validate({**base, **flags}))
+    print(format_evaluation(result))
+    print(f"  written to {Path(args.run_dir) / 'run.json'} (key 'evaluation'); `winnow report {args.run_dir}` shows it")
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winnow",
@@ -138,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("config", help="path to the distill YAML config (see README 'Dataset distillation')")
     distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set ipc=1")
     distill.set_defaults(fn=cmd_distill)
+
+    evaluate = sub.add_parser("evaluate", help="measure a run's selection against random subsets of the same size (probes on its embeddings)")
+    evaluate.add_argument("run_dir", help="a finished run directory (its store must still exist; the source needs labels)")
+    evaluate.add_argument("--sweep", action="store_true", help="also every rule at every kept fraction, and a suggested budget")
+    evaluate.add_argument("--seeds", type=int, default=None, help="random subsets (and MLP seeds); default 5")
+    evaluate.add_argument("--probe", choices=("linear", "mlp"), default=None, help="the proxy learner (default linear)")
+    evaluate.add_argument("--holdout-fraction", type=float, default=None, help="test split by uid hash (default 0.2)")
+    evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
+    evaluate.set_defaults(fn=cmd_evaluate)
 
     summary = sub.add_parser("summary", help="print the summary of a finished run")
     summary.add_argument("run_dir")

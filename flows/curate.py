@@ -82,6 +82,16 @@ def report(cfg: CurateConfig, info: dict[str, Any]) -> Path | None:
     return path
 
 
+@stage_task
+def evaluate(cfg: CurateConfig) -> dict[str, Any]:
+    """The config's `evaluate:` block: the run's selection against random (pipeline/evaluate.py), into run.json."""
+    from pipeline.evaluate import evaluate_run, format_evaluation
+
+    result = evaluate_run(cfg.run_dir, cfg.evaluate)
+    get_run_logger().info("%s", format_evaluation(result))
+    return result
+
+
 @io_task
 def export(cfg: CurateConfig) -> str:
     uri = export_run(cfg.run_dir, cfg.export_uri)
@@ -149,6 +159,10 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
     info["stage_spans"]["manifest"] = stats.spans["manifest"]
+    if cfg.evaluate is not None:
+        with stats.timed("evaluate"):
+            info["evaluation"] = evaluate(cfg)
+        info["timings_s"]["evaluate"] = round(stats.timings["evaluate"], 3)
     if cfg.report:
         report(cfg, info)
     if cfg.export_uri:

@@ -96,6 +96,21 @@ class StepConfig(Strict):
         return dict(self.model_extra or {})
 
 
+class EvaluateConfig(Strict):
+    """`evaluate:` measures the run's selection against random after the manifest is written (pipeline/evaluate.py)."""
+
+    probe: Literal["linear", "mlp"] = "linear"
+    seeds: int = Field(5, ge=1, le=100)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    l2: float = Field(1e-3, ge=0)
+    sweep: bool = False  # also every rule at every fraction (scores computed once) and a recommended budget
+    fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1)
+    rules: list[Literal["hard", "easy", "ccs", "moderate", "prototypes", "dbp", "random"]] = Field(
+        default_factory=lambda: ["hard", "easy", "ccs", "moderate", "prototypes", "dbp", "random"], min_length=1)
+    tolerance: float = Field(0.01, ge=0, lt=1)  # suggested budget: within this accuracy (fraction) of the full pool
+    eval_source: SourceConfig | None = None  # a labelled test set instead of the uid-hash held-out split
+
+
 class CurateConfig(Strict):
     name: RunName = "curate"
     source: SourceConfig
@@ -108,6 +123,7 @@ class CurateConfig(Strict):
     export_uri: str | None = None  # also copy the finished manifest, report and run.json to <export_uri>/<name>/ (fsspec)
     seed: int = 0
     report: bool = True  # write report.html and a Prefect artifact at the end of the run
+    evaluate: EvaluateConfig | None = None  # measure the selection against random after the run (README 'Evaluate')
 
     @model_validator(mode="after")
     def _consistent(self) -> CurateConfig:

@@ -34,11 +34,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pipeline.config import EvaluateConfig, SourceConfig
 
 HOLDOUT_SALT = "winnow-evaluate-v1"
 SWEEP_RULES = ("hard", "easy", "ccs", "moderate", "prototypes", "dbp", "random")
@@ -528,24 +531,6 @@ def choose_rule(
 # ---- a finished run -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EvaluateSettings:
-    """`winnow evaluate` and the config's `evaluate:` block (README 'Evaluate a selection')."""
-
-    probe: str = "linear"
-    seeds: int = 5
-    holdout_fraction: float = 0.2
-    l2: float = 1e-3
-    sweep: bool = False
-    fractions: tuple[float, ...] = SWEEP_FRACTIONS
-    rules: tuple[str, ...] = SWEEP_RULES
-    tolerance: float = 0.01
-    eval_source: dict[str, Any] | None = None
-
-    def probe_spec(self) -> ProbeSpec:
-        return ProbeSpec(kind=self.probe, l2=self.l2)
-
-
 def load_run_rows(run_dir: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A finished run's scored rows: (run.json, unit embeddings float32 [n, d], uids, labels, keep), in store order.
 
@@ -561,16 +546,8 @@ def load_run_rows(run_dir: str | Path) -> tuple[dict[str, Any], np.ndarray, np.n
     store_path = Path(info.get("store", {}).get("path", run_dir / "store"))
     if not store_path.exists():
         raise FileNotFoundError(f"the run's embedding store {store_path} is gone; evaluate needs its embeddings")
-    store = EmbeddingStore(store_path)
-    embs, metas = [], []
-    for _, emb, meta in store.iter_shards():
-        ok = (meta["status"] == "ok").to_numpy()
-        embs.append(np.asarray(emb, dtype=np.float32))
-        metas.append(meta.filter(pl.Series(ok)).select("uid", "label"))
-    if not metas:
-        raise ValueError(f"store {store_path} holds no rows")
-    meta = pl.concat(metas)
-    x = np.concatenate(embs) if embs else np.empty((0, 0), np.float32)
+    x, meta = EmbeddingStore(store_path).load(dtype="float32")
+    meta = meta.select("uid", "label")
     manifest = read_manifest(run_dir).select("uid", "keep")
     joined = meta.with_row_index("row").join(manifest, on="uid", how="left").sort("row")
     if joined["keep"].null_count():
@@ -583,32 +560,35 @@ def load_run_rows(run_dir: str | Path) -> tuple[dict[str, Any], np.ndarray, np.n
             joined["keep"].to_numpy().astype(bool))
 
 
-def evaluate_run(run_dir: str | Path, settings: EvaluateSettings = EvaluateSettings(), *, write: bool = True,
-                 eval_rows: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, settings: EvaluateConfig | None = None, *, write: bool = True) -> dict[str, Any]:
     """Measures a finished run's selection against random (and with ``settings.sweep`` every rule at every fraction)
     on the run's own embeddings; adds the result to run.json as ``evaluation`` when ``write``.
 
-    The test rows are the uid-hash held-out split, or ``eval_rows`` (embeddings, labels) of a user eval source.
+    The test rows are the uid-hash held-out split, or ``settings.eval_source`` embedded with the run's embedder
+    (kept in <run_dir>/eval/store, resumable).
     """
     from pipeline.atomic import atomic_write_text
     from pipeline.manifest import RUN_FILE, _json_default
 
+    from pipeline.config import EvaluateConfig
+
+    settings = settings or EvaluateConfig()
     t0 = time.perf_counter()
     info, x, uids, labels, keep = load_run_rows(run_dir)
-    if eval_rows is None:
+    if settings.eval_source is None:
         test = holdout_mask(uids, settings.holdout_fraction)
         x_test, y_test = x[test], labels[test]
         split = {"kind": "uid_hash", "holdout_fraction": settings.holdout_fraction, "salt": HOLDOUT_SALT}
     else:
         test = np.zeros(len(uids), dtype=bool)
-        x_test, y_test = eval_rows
-        split = {"kind": "eval_source", "source": settings.eval_source}
+        x_test, y_test = embed_eval_source(info, run_dir, settings.eval_source)
+        split = {"kind": "eval_source", "source": settings.eval_source.arguments(), "rows": len(y_test)}
     pool = ~test
     if keep[pool].sum() == 0:
         raise ValueError("the run keeps no row outside the held-out split: nothing to evaluate")
     if len(np.unique(labels[pool].astype(str))) < 2:
         raise ValueError("evaluate needs at least 2 classes among the pool's labels")
-    probe = settings.probe_spec()
+    probe = ProbeSpec(kind=settings.probe, l2=settings.l2)
     result: dict[str, Any] = {"split": split, "n_rows": len(uids), "kept_fraction": float(keep.mean())}
     result["selection_vs_random"] = evaluate_selection(x[pool], labels[pool], keep[pool], x_test, y_test,
                                                        seeds=settings.seeds, probe=probe)
@@ -618,7 +598,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluateSettings = EvaluateSetti
                                 fractions=settings.fractions, seeds=min(settings.seeds, 3), probe=probe,
                                 tolerance=settings.tolerance)
         result["sweep"]["scores"] = scores.info
-    result["settings"] = asdict(settings)
+    result["settings"] = settings.model_dump(mode="json")
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if write:
         import json
@@ -626,6 +606,31 @@ def evaluate_run(run_dir: str | Path, settings: EvaluateSettings = EvaluateSetti
         info["evaluation"] = result
         atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(info, indent=2, sort_keys=True, default=_json_default))
     return result
+
+
+def embed_eval_source(info: dict[str, Any], run_dir: str | Path, spec: SourceConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled eval source embedded exactly like the run (same model; the pixels embedder's fitted state from the
+    run's store) into <run_dir>/eval/store; returns its ok rows' (embeddings float32, labels)."""
+    from pipeline import stages
+    from pipeline.config import CurateConfig
+    from pipeline.store import EmbeddingStore
+
+    cfg = CurateConfig.model_validate(info["config"])
+    sub = cfg.model_copy(update={"source": spec, "store_dir": Path(run_dir) / "eval" / "store"})
+    if (spec.kind == "precomputed") != (cfg.embed.kind == "precomputed"):
+        raise ValueError("eval_source: precomputed embeddings go with a precomputed run, image sources with an image run")
+    plan = stages.plan_ingest(sub)
+    if spec.kind == "precomputed":
+        store = stages.ingest_precomputed(sub, plan)
+    else:
+        embedder = stages.make_embedder(cfg, None, EmbeddingStore(info["store"]["path"]))
+        store = stages.init_store(sub, plan, embedder, embedder.dim)
+        for shard, (start, stop) in enumerate(plan.shards):
+            stages.embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+    x, meta = store.load(dtype="float32")
+    if meta["label"].null_count() or len(meta) == 0:
+        raise ValueError(f"eval_source {spec.arguments()} needs labelled, decodable samples")
+    return x, meta["label"].to_numpy().astype(object)
 
 
 def format_evaluation(result: dict[str, Any]) -> str:

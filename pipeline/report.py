@@ -12,7 +12,7 @@ It stays fast on million-row manifests: statistics are polars/numpy aggregations
 samples shown in grids are read from the source and decoded. Sections whose data is absent (no labels, no
 SemDeDup step, a source without image bytes) stay in the page with a note saying why, so their ids are stable.
 
-Section ids: summary, counts, kept-by-class, kept-by-cluster, histograms, dbp, semdedup, grids, duplicates,
+Section ids: summary, counts, kept-by-class, kept-by-cluster, histograms, dbp, semdedup, evaluation, grids, duplicates,
 hardest-easiest. Plots are ``<img class="plot">``, thumbnails ``<img class="thumb">``, a thumbnail that could
 not be produced is ``<div class="thumb missing">``, and a section's "not available" note is ``<p class="absent">``.
 """
@@ -107,6 +107,7 @@ def write_report(
         _histograms(info, frame),
         _dbp(info),
         _semdedup(info, frame),
+        _evaluation(info),
         _grids(frame, thumbs, grid_size, seed),
         _duplicates(frame, thumbs, pairs),
         _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column),
@@ -340,6 +341,50 @@ def _dbp(info: dict[str, Any]) -> str:
     budget = int(note.get("budget", quota.sum()))
     meta = f"<p>{len(q):,} clusters, budget {budget:,}, temperature {note.get('temperature', '?')}.</p>"
     return _section("dbp", "DBP: cluster complexity vs quota", meta + _plot(fig, "DBP complexity vs quota"))
+
+
+def _evaluation(info: dict[str, Any]) -> str:
+    """`winnow evaluate`: probe accuracy vs kept fraction, the selection against random's 95% band."""
+    title = "Evaluation: selection vs random"
+    ev = info.get("evaluation")
+    if not ev:
+        return _section("evaluation", title, _absent("not evaluated (run `winnow evaluate RUN_DIR`, or add `evaluate:`)"))
+    s = ev["selection_vs_random"]
+    fig, ax = _figure(6.0, 3.4)
+    sw = ev.get("sweep")
+    if sw:
+        xs = [100 * float(f) for f in sw["table"]]
+        rnd = [sw["table"][f]["random"] for f in sw["table"]]
+        ax.fill_between(xs, [100 * r["ci"][0] for r in rnd], [100 * r["ci"][1] for r in rnd], color=_OTHER_COLOUR,
+                        alpha=0.5, label="random (95% CI)")
+        for rule in sw["rules"]:
+            if rule != "random":
+                ax.plot(xs, [100 * sw["table"][f][rule]["accuracy"] for f in sw["table"]], marker="o", ms=3, label=rule)
+        ax.axhline(100 * sw["full"]["accuracy"], color="black", ls=":", label="full pool")
+    x0 = 100 * s["kept_fraction_of_pool"]
+    ax.errorbar([x0], [100 * s["random"]["accuracy"]], yerr=[[100 * (s["random"]["accuracy"] - s["random"]["ci"][0])],
+                [100 * (s["random"]["ci"][1] - s["random"]["accuracy"])]], color="grey", capsize=3, marker="s",
+                label="random, this budget")
+    ax.errorbar([x0], [100 * s["selection"]["accuracy"]], yerr=[[100 * (s["selection"]["accuracy"] - s["selection"]["ci"][0])],
+                [100 * (s["selection"]["ci"][1] - s["selection"]["accuracy"])]], color=_KEPT_COLOUR, capsize=3,
+                marker="D", label="this run's selection")
+    ax.set_xlabel("kept fraction of the pool (%)")
+    ax.set_ylabel("probe test accuracy (%)")
+    ax.legend(fontsize=7)
+    rows = [["selection", f"{100 * s['selection']['accuracy']:.2f}", f"{100 * s['selection']['ci'][0]:.2f}–{100 * s['selection']['ci'][1]:.2f}"],
+            ["random (same size)", f"{100 * s['random']['accuracy']:.2f}", f"{100 * s['random']['ci'][0]:.2f}–{100 * s['random']['ci'][1]:.2f}"]]
+    if "full" in s:
+        rows.append(["full pool", f"{100 * s['full']['accuracy']:.2f}", f"{100 * s['full']['ci'][0]:.2f}–{100 * s['full']['ci'][1]:.2f}"])
+    body = (f"<p>{_e(s['probe']['kind'])} probe on the run's embeddings, test split: {_e(ev['split']['kind'])} "
+            f"({s['n_test']:,} rows). Selection − random: {100 * s['difference']:+.2f} pp "
+            f"(95% CI {100 * s['difference_ci'][0]:+.2f} to {100 * s['difference_ci'][1]:+.2f}), p = {s['p_value']:.3g}: "
+            f"<b>{_e(s['verdict'])}</b>.</p>" + _table(["trained on", "accuracy %", "95% CI"], rows))
+    if sw:
+        budget = sw["suggested_budget"]
+        body += (f"<p>Sweep: best rule per kept fraction " + ", ".join(f"{100 * float(f):g}%: {_e(b['rule'])}" for f, b in sw["best"].items())
+                 + f"; suggested budget: {'none' if budget is None else f'{100 * budget:g}% kept'} (within "
+                 f"{100 * sw['tolerance']:g} pp of the full pool).</p>")
+    return _section("evaluation", title, body + _plot(fig, "probe accuracy vs kept fraction"))
 
 
 def _semdedup(info: dict[str, Any], frame: pl.DataFrame) -> str:

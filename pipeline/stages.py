@@ -574,6 +574,10 @@ def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
     info = read_run_info(cfg.run_dir)
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
     info["stage_spans"]["manifest"] = stats.spans["manifest"]
+    if cfg.evaluate is not None:
+        from pipeline.evaluate import evaluate_run
+
+        info["evaluation"] = evaluate_run(cfg.run_dir, cfg.evaluate)
     return info
 
 

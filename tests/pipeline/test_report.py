@@ -20,7 +20,7 @@ from pipeline.config import CurateConfig
 from pipeline.manifest import ManifestError, read_manifest, read_run_info, write_manifest
 from pipeline.report import _cut, write_report
 
-SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "grids", "duplicates",
+SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "evaluation", "grids", "duplicates",
             "hardest-easiest"]
 N_DIGITS = 240
 EXACT_COPIES = 4
@@ -66,6 +66,7 @@ def labelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {"scorer": "dbp", "keep_fraction": 0.5},
             {"scorer": "prototype"},
         ],
+        "evaluate": {"seeds": 2, "sweep": True, "fractions": [0.3, 0.6]},
         "output_root": str(root / "runs"),
     })
 
@@ -157,7 +158,9 @@ def test_full_report_has_every_section_with_plots_and_thumbnails(labelled_run: P
     assert sorted(scores) == ["score_dbp_cluster_complexity", "score_prototype", "score_semdedup"]
     sec = page.sections
     assert len(sec["histograms"]["plots"]) == len(scores)
-    for sid in ("counts", "kept-by-class", "kept-by-cluster", "dbp", "semdedup"):
+    assert "selection − random" in _text(page, "evaluation").lower() and "suggested budget" in _text(page, "evaluation")
+    assert info["evaluation"]["sweep"]["fractions"] == [0.3, 0.6]
+    for sid in ("counts", "kept-by-class", "kept-by-cluster", "dbp", "semdedup", "evaluation"):
         assert len(sec[sid]["plots"]) == 1, sid
     # every plot is a real PNG of a reasonable size
     for s in sec.values():
