@@ -15,9 +15,9 @@ VmHWM, read at exit), with the same thread count for torch, faiss and BLAS:
   (b) naive  the reference SemDeDup (facebookresearch/SemDeDup): per cluster S = E Eᵀ, triu(S, 1), max over
              columns, on the float32 data in RAM with (a)'s clusters; ranking keep-hard (farthest from the
              centroid first), ties by uid, as winnow;
-  (c) winnow the real pipeline from the float16 store on disk: EmbeddingStore.load + stages.open_rows,
-             stages.fit_index (k-means + assignment), stages.score (steps semdedup at eps, then dbp keep_fraction
-             0.5), stages.write_curate_manifest (parts per shard, run.json). The k-means cache under <store>/index is deleted
+  (c) winnow the real pipeline from the float16 store on disk: EmbeddingStore.load + ok_rows.open_rows,
+             clustering.fit_index (k-means + assignment), scoring.score (steps semdedup at eps, then dbp keep_fraction
+             0.5), run_record.write_curate_manifest (parts per shard, run.json). The k-means cache under <store>/index is deleted
              before every run. Per-stage times come from timing wrappers around the real functions.
 (b) and (c) must find the same duplicates; (a) and (c) the same clusters. Both are checked and reported.
 On the skewed data (b) is not run: the n×n matrix of the 200k cluster alone is 160 GB.
@@ -224,7 +224,7 @@ def child_naive(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline import index as pindex
-    from pipeline import stages, steps
+    from pipeline import clustering, ok_rows, run_record, scoring, steps
     from pipeline.config import CurateConfig
     from pipeline.store import EmbeddingStore
 
@@ -260,11 +260,11 @@ def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     store = EmbeddingStore(cfg.store_path)
     c0, t0 = time.process_time(), time.perf_counter()
     emb, _ = timed("load", store.load)()
-    _, rows = timed("rows", stages.open_rows)(store)
-    kmeans = timed("index", stages.fit_index)(cfg, store, emb)
-    columns, notes = timed("score", stages.score)(cfg, store, emb, rows, kmeans)
-    run_stats = stages.RunStats(timings=dict(timings))
-    _, counts = timed("manifest", stages.write_curate_manifest)(cfg, store, rows, kmeans, columns, notes, run_stats)
+    _, rows = timed("rows", ok_rows.open_rows)(store)
+    kmeans = timed("index", clustering.fit_index)(cfg, store, emb)
+    columns, notes = timed("score", scoring.score)(cfg, store, emb, rows, kmeans)
+    run_stats = run_record.RunStats(timings=dict(timings))
+    _, counts = timed("manifest", run_record.write_curate_manifest)(cfg, store, rows, kmeans, columns, notes, run_stats)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     stages_s = {
         "load": timings["load"] + timings["rows"],

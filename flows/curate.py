@@ -1,4 +1,4 @@
-"""The `curate` Prefect flow: thin tasks over pipeline.stages."""
+"""The `curate` Prefect flow: thin tasks over the stage functions in pipeline/ (their order: pipeline/stages.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import Opaque, io_task, make_task_runner, prefect_fan_out, shared_api
-from pipeline import stages
+from pipeline import clustering, fill_store, ok_rows, run_record, scoring
 from pipeline.config import CurateConfig, check_before_embedding
+from pipeline.ingest import IngestPlan, plan_ingest
 from pipeline.manifest import export_run, read_run_info
 from pipeline.store import EmbeddingStore
 
@@ -19,18 +20,18 @@ stage_task = task(cache_policy=NO_CACHE)
 
 
 @io_task
-def ingest(cfg: CurateConfig) -> stages.IngestPlan:
-    plan = stages.plan_ingest(cfg)
+def ingest(cfg: CurateConfig) -> IngestPlan:
+    plan = plan_ingest(cfg)
     get_run_logger().info("ingest: %d samples in %d shards from %s", plan.n_samples, len(plan.shards), cfg.source.kind)
     return plan
 
 
 @stage_task
 def prepare_embedder(cfg: CurateConfig, opaque_plan: Opaque) -> tuple[Any, EmbeddingStore]:
-    plan: stages.IngestPlan = opaque_plan.value
+    plan: IngestPlan = opaque_plan.value
     store = EmbeddingStore(cfg.store_path)
-    embedder = stages.make_embedder(cfg, plan, store)
-    store = stages.init_store(cfg, plan, embedder, embedder.dim)
+    embedder = fill_store.make_embedder(cfg, plan, store)
+    store = fill_store.init_store(cfg, plan, embedder, embedder.dim)
     done = len(store.done_shards())
     get_run_logger().info("embed: %s, dim %d; %d of %d shards already done", embedder.name, embedder.dim, done, len(plan.shards))
     return embedder, store
@@ -38,7 +39,7 @@ def prepare_embedder(cfg: CurateConfig, opaque_plan: Opaque) -> tuple[Any, Embed
 
 @stage_task
 def open_rows(store: EmbeddingStore):
-    emb, rows = stages.open_rows(store)
+    emb, rows = ok_rows.open_rows(store)
     if len(rows) == 0:
         raise ValueError("no sample could be decoded; nothing to index (see the store's meta for statuses)")
     return emb, rows
@@ -46,7 +47,7 @@ def open_rows(store: EmbeddingStore):
 
 @io_task
 def embed_targets(cfg: CurateConfig, embedder: Any) -> dict:
-    targets = stages.embed_targets(cfg, embedder)
+    targets = fill_store.embed_targets(cfg, embedder)
     get_run_logger().info("targets: %s", {k[:60]: len(v) for k, v in targets.items()})
     return targets
 
@@ -117,14 +118,14 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     """
     cfg = CurateConfig.model_validate(config)
     logger = get_run_logger()
-    stats = stages.RunStats()
+    stats = run_record.RunStats()
     with stats.timed("ingest"):
         plan = ingest(cfg)
         check_before_embedding(cfg, plan)  # k > N, empty targets, labels: refused before any embedding
     with stats.timed("embed"):
         if cfg.source.kind == "precomputed":
             embedder = None
-            store = stages.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
+            store = fill_store.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
         else:
             embedder, store = prepare_embedder(cfg, Opaque(plan))
             # a worker process rebuilds the embedder from the config and the store's saved state
@@ -135,25 +136,25 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
                 for shard, (start, stop) in enumerate(plan.shards)
             ]
             status_counts: dict[str, int] = {}
-            for counts in prefect_fan_out(stages.embed_shard, calls):
+            for counts in prefect_fan_out(fill_store.embed_shard, calls):
                 for status, count in counts.items():
                     status_counts[status] = status_counts.get(status, 0) + count
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
             del calls
         plan.release_refs()  # one object per sample, not needed past embedding: freed before scoring
-    stats.counts["store_status"] = stages.store_status_counts(store)
+    stats.counts["store_status"] = run_record.store_status_counts(store)
     with stats.timed("index"):
         emb, rows = open_rows(store)
-        kmeans = stages.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
+        kmeans = clustering.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
         logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
     targets = {}
     if any("target" in s.knobs() for s in cfg.steps):
         with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
     with stats.timed("score"):
-        columns, notes = stages.score(cfg, store, emb, rows, kmeans, targets, fan_out=prefect_fan_out)
+        columns, notes = scoring.score(cfg, store, emb, rows, kmeans, targets, fan_out=prefect_fan_out)
     with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
-        path, counts = stages.write_curate_manifest(cfg, store, rows, kmeans, columns, notes, stats, fan_out=prefect_fan_out)
+        path, counts = run_record.write_curate_manifest(cfg, store, rows, kmeans, columns, notes, stats, fan_out=prefect_fan_out)
         logger.info("manifest: %d rows, %d kept → %s", counts["samples"], counts["kept"], path)
     info = read_run_info(path.parent)
     # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time

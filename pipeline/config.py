@@ -227,7 +227,7 @@ def check_targets(cfg: CurateConfig) -> dict[str, int]:
 
 
 def check_before_embedding(cfg: CurateConfig, plan: Any) -> dict[str, int]:
-    """check_plan_size and check_targets for an ingest plan (stages.IngestPlan: `.n_samples`, `.has_labels`).
+    """check_plan_size and check_targets for an ingest plan (ingest.IngestPlan: `.n_samples`, `.has_labels`).
 
     Returns check_targets' counts.
     """

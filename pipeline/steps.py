@@ -32,7 +32,7 @@ class ScoringContext:
     n_scorable: int
     seed: int = 0
     device: str = "auto"
-    targets: dict[str, np.ndarray] = field(default_factory=dict)  # embedded target sets, by stages.target_key
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # embedded target sets, by fill_store.target_key
     fan_out: FanOut | None = None  # runs per-cluster work as tasks on the run's task runner; None = in this process
     cluster_batches: int = 1  # how many batches of clusters fan_out gets
 
@@ -412,7 +412,7 @@ def step_ot_target(
     JL) of a proxy linear softmax head trained on the alive rows' embeddings and labels (needs labels); target rows
     carry no labels, so their gradients use the head's predicted label.
     """
-    from pipeline.stages import target_key
+    from pipeline.fill_store import target_key
     from scorers.ot_select import estimate_selection_ratio, fit_proxy_head, gradient_features, ot_scores
 
     if (keep_fraction is None) == (not estimate_ratio):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import stages
+from pipeline import fill_store, ingest
 from pipeline.config import CurateConfig
 from pipeline.sources import DuplicateUidError
 
@@ -35,9 +35,9 @@ def test_plan_lists_sizes_and_the_copy_keeps_bad_rows_as_meta(tmp_path):
     files[1][2, 3] = np.nan
     cfg = CurateConfig.model_validate({"source": _write(tmp_path / "pre", files, labels=True), "embed": {"kind": "precomputed"},
                                        "index": {"k": 2}, "store_dir": str(tmp_path / "store"), "output_root": str(tmp_path / "runs")})
-    plan = stages.plan_ingest(cfg)
+    plan = ingest.plan_ingest(cfg)
     assert plan.refs == [] and plan.shards == [(0, 5), (5, 8)] and plan.n_samples == 8 and plan.has_labels
-    store = stages.ingest_precomputed(cfg, plan)
+    store = fill_store.ingest_precomputed(cfg, plan)
     emb, _ = store.load()
     meta = store.all_meta()
     assert meta["uid"].to_list() == [f"k{i:04d}" for i in range(8)]
@@ -46,15 +46,15 @@ def test_plan_lists_sizes_and_the_copy_keeps_bad_rows_as_meta(tmp_path):
     good = np.concatenate([files[0][[0, 2, 3, 4]], files[1][:2]]).astype(np.float32)
     expected = (good / np.linalg.norm(good, axis=1, keepdims=True)).astype(np.float16)
     assert emb.dtype == np.float16 and np.array_equal(emb, expected)
-    assert stages.ingest_precomputed_shard(plan.source, store.root, 0) == {"skipped": 1}
+    assert fill_store.ingest_precomputed_shard(plan.source, store.root, 0) == {"skipped": 1}
 
 
 def test_plan_without_labels_and_with_a_repeated_uid(tmp_path):
     files = [np.ones((2, 4), np.float16), np.ones((2, 4), np.float16)]
     spec = _write(tmp_path / "pre", files, labels=False)
     cfg = CurateConfig.model_validate({"source": spec, "embed": {"kind": "precomputed"}, "index": {"k": 2}})
-    assert not stages.plan_ingest(cfg).has_labels
+    assert not ingest.plan_ingest(cfg).has_labels
     pq.write_table(pa.table({"key": ["k0003", "k0001"]}), tmp_path / "pre" / "meta" / "001.parquet")
     with pytest.raises(DuplicateUidError, match="'k0001'"):
-        stages.plan_ingest(cfg)
+        ingest.plan_ingest(cfg)
     assert pl.read_parquet(tmp_path / "pre" / "meta" / "000.parquet")["key"].to_list() == ["k0000", "k0001"]

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline import stages
+from pipeline import clustering, ok_rows
 from pipeline.config import CurateConfig
 from pipeline.index import KMeansParams, spherical_kmeans
 from pipeline.rows import StoreRows
@@ -45,7 +45,7 @@ def _store(root, sizes=(300, 0, 250, 400), dim=16, seed=0, uid=lambda i: f"u{i:0
 def test_store_rows_reads_like_the_loaded_array(tmp_path):
     store = _store(tmp_path / "s")
     loaded, meta = store.load()
-    rows, ok = stages.open_rows(store)
+    rows, ok = ok_rows.open_rows(store)
     assert rows.shape == loaded.shape and rows.dtype == np.float16 and len(ok) == meta.height
     assert np.array_equal(np.asarray(rows), loaded)
     rng = np.random.default_rng(1)
@@ -81,14 +81,14 @@ def test_store_rows_memory_does_not_grow_with_what_was_read(tmp_path):
 def test_sharded_index_equals_one_kmeans_and_is_reused(tmp_path):
     store = _store(tmp_path / "s")
     cfg = CurateConfig.model_validate({"source": {"kind": "image_folder", "root": "x"}, "index": {"k": 6, "seed": 3}})
-    rows, _ = stages.open_rows(store)
+    rows, _ = ok_rows.open_rows(store)
     calls = []
 
     def recording_fan_out(fn, items):
         calls.append((fn.__name__, len(items)))
         return [fn(**item) for item in items]
 
-    sharded = stages.fit_index(cfg, store, rows, fan_out=recording_fan_out)
+    sharded = clustering.fit_index(cfg, store, rows, fan_out=recording_fan_out)
     whole = spherical_kmeans(store.load()[0], KMeansParams(k=6, seed=3))
     assert calls == [("assign_shard", 4)]  # one task per store shard, the empty one included
     assert np.array_equal(sharded.centroids, whole.centroids)
@@ -96,8 +96,8 @@ def test_sharded_index_equals_one_kmeans_and_is_reused(tmp_path):
     assert np.array_equal(sharded.similarity, whole.similarity)
     saved = sorted((store.root / "index").glob("assign-*/*.npz"))
     stamps = [p.stat().st_mtime_ns for p in saved]
-    assert stages.assign_shard(store.root, 0, sharded.centroids, saved[0].parent.name.removeprefix("assign-")) == 0
-    stages.fit_index(cfg, store, rows)  # a rerun: cached centroids, no shard reassigned
+    assert clustering.assign_shard(store.root, 0, sharded.centroids, saved[0].parent.name.removeprefix("assign-")) == 0
+    clustering.fit_index(cfg, store, rows)  # a rerun: cached centroids, no shard reassigned
     assert [p.stat().st_mtime_ns for p in saved] == stamps
 
 
@@ -119,15 +119,15 @@ def test_ok_rows_hold_uid_ranks_shared_labels_and_a_uid_file(tmp_path):
     names = [f"{rng.integers(0, 10**6):06d}-{i}" for i in range(1000)]  # string order unrelated to row order
     store = _store(tmp_path / "s", uid=lambda i: names[i], label=lambda i: None if i % 7 == 0 else f"class{i % 3}")
     _, meta = store.load()
-    _, ok = stages.open_rows(store)
+    _, ok = ok_rows.open_rows(store)
     uids = meta["uid"].to_numpy().astype(str)
     assert np.array_equal(ok.uid_rank, np.argsort(np.argsort(uids, kind="stable"), kind="stable"))
     assert ok.ok_counts == [299, 0, 249, 399] and ok.bounds(2) == (299, 548) and ok.bad_rows == 3
     assert ok.labels.tolist() == meta["label"].to_list()
     assert len({id(x) for x in ok.labels if x is not None}) == 3  # one object per distinct label
     picks = np.array([546, 0, 946, 546, 300])
-    assert stages.uids_at(ok.uid_file, picks) == uids[picks].tolist()
-    assert stages.shared_strings(pl.Series([None, None], dtype=pl.String)) is None
+    assert ok_rows.uids_at(ok.uid_file, picks) == uids[picks].tolist()
+    assert ok_rows.shared_strings(pl.Series([None, None], dtype=pl.String)) is None
 
 
 def test_steps_given_uid_ranks_decide_exactly_as_given_uid_strings(tmp_path):
@@ -137,7 +137,7 @@ def test_steps_given_uid_ranks_decide_exactly_as_given_uid_strings(tmp_path):
     names = [f"{rng.integers(0, 10**6):06d}-{i}" for i in range(1000)]
     store = _store(tmp_path / "s", uid=lambda i: names[i], label=lambda i: f"class{i % 3}", sha1=lambda i: str(i % 900))
     emb, meta = store.load()
-    _, ok = stages.open_rows(store)
+    _, ok = ok_rows.open_rows(store)
     kmeans = spherical_kmeans(emb, KMeansParams(k=6, seed=3))
     steps = [("exact_dup", {}), ("semdedup", {"eps": 0.002}), ("dbp", {"keep_fraction": 0.3, "keep": "easy"}),
              ("prototype", {"keep_fraction": 0.2})]
@@ -157,7 +157,7 @@ def test_steps_given_uid_ranks_decide_exactly_as_given_uid_strings(tmp_path):
 @pytest.mark.parametrize("lazy", [False, True])
 def test_fanned_out_semdedup_and_dbp_equal_the_single_call(tmp_path, lazy):
     store = _store(tmp_path / "s")
-    rows, _ = stages.open_rows(store)
+    rows, _ = ok_rows.open_rows(store)
     meta = store.load()[1]
     emb = rows if lazy else store.load()[0]
     kmeans = spherical_kmeans(store.load()[0], KMeansParams(k=6, seed=3))

@@ -175,7 +175,7 @@ def test_coreset_weights_fill_the_weight_column_and_renormalise_after_later_drop
 
 
 def test_ot_target_estimates_how_much_to_keep():
-    from pipeline.stages import target_key
+    from pipeline.fill_store import target_key
 
     rng = np.random.default_rng(2)
     n = 400

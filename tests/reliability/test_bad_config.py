@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline import stages
+from pipeline import ingest
 from pipeline.config import CurateConfig, check_before_embedding, check_plan_size, check_targets, load_config
 from pipeline.index import KMeansParams, KMeansResult
 from pipeline.steps import ScoringContext, budget_for
@@ -126,7 +126,7 @@ def test_empty_target_set_is_refused_before_embedding(tmp_path):
         )
         with pytest.raises(ValueError, match=r"step 0 \(ot_target\): the target set .* is empty"):
             check_targets(cfg)
-        plan = stages.plan_ingest(cfg)
+        plan = ingest.plan_ingest(cfg)
         with pytest.raises(ValueError, match="is empty"):
             check_before_embedding(cfg, plan)
     assert not (tmp_path / "runs").exists()  # planning wrote nothing
@@ -147,14 +147,14 @@ def test_check_before_embedding_passes_a_good_plan_and_counts_precomputed_rows(t
         _cfg([{"scorer": "ot_target", "target": target, "keep_fraction": 0.5}], source={"kind": "image_folder", "root": str(tmp_path / "pool")},
              index={"k": 6})
     )
-    assert check_before_embedding(cfg, stages.plan_ingest(cfg)) == {"0:ot_target": 3}
+    assert check_before_embedding(cfg, ingest.plan_ingest(cfg)) == {"0:ot_target": 3}
     too_many = cfg.model_copy(update={"index": cfg.index.model_copy(update={"k": 7})})
     with pytest.raises(ValueError, match="index.k = 7"):
-        check_before_embedding(too_many, stages.plan_ingest(too_many))
+        check_before_embedding(too_many, ingest.plan_ingest(too_many))
     # a precomputed main source: its plan lists no refs, the metadata rows are counted instead
     pre = CurateConfig.model_validate({"source": _precomputed(tmp_path / "main", 4), "embed": {"kind": "precomputed"}, "index": {"k": 5}})
     with pytest.raises(ValueError, match="only 4 samples"):
-        check_before_embedding(pre, stages.plan_ingest(pre))
+        check_before_embedding(pre, ingest.plan_ingest(pre))
 
 
 def test_config_file_errors_name_the_problem(tmp_path):

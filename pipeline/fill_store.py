@@ -1,0 +1,199 @@
+"""Filling embedding stores: the embedder built (the pixels PCA fitted once), image shards embedded, precomputed
+embedding files copied in, and the steps' target sources embedded into stores of their own."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import atomic_path
+from pipeline.config import CurateConfig
+from pipeline.faults import failpoint
+from pipeline.fanout import FanOut, serial_fan_out
+from pipeline.ingest import IngestPlan, plan_ingest
+from pipeline.store import EmbeddingStore, StoreInfo
+
+EMBEDDER_STATE_FILE = "embedder_state.npz"
+
+
+def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingStore) -> Any:
+    """Builds the configured embedder; the pixels embedder's PCA is fitted once and kept in the store."""
+    from pipeline.embed import ClipEmbedder, PixelsEmbedder
+
+    e = cfg.embed
+    if e.kind == "clip":
+        if e.model_config_file is not None:
+            import open_clip
+
+            if not e.model_config_file.exists():
+                raise FileNotFoundError(f"embed.model_config_file {e.model_config_file} not found")
+            open_clip.add_model_config(e.model_config_file)
+        return ClipEmbedder(e.model, None if e.checkpoint else e.pretrained, checkpoint=e.checkpoint, device=e.device)
+    if e.kind != "pixels":
+        raise ValueError(f"embed.kind {e.kind!r} has no embedder")
+    state_path = store.root / EMBEDDER_STATE_FILE
+    if state_path.exists():
+        with np.load(state_path, allow_pickle=False) as data:
+            return PixelsEmbedder.from_state({k: data[k] for k in data.files})
+    embedder = PixelsEmbedder(size=e.pixels.size, grey=e.pixels.grey, dim=e.pixels.dim, fit_samples=e.pixels.fit_samples, seed=cfg.seed)
+    embedder.fit(_sample_images(plan, e.pixels.fit_samples, seed=cfg.seed, max_side=e.max_side))
+    store.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(state_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **embedder.state())
+    return embedder
+
+
+def _sample_images(plan: IngestPlan, n: int, *, seed: int, max_side: int) -> list[Any]:
+    from pipeline.decode import decode_image
+
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(plan.refs), size=min(n, len(plan.refs)), replace=False))
+    images = []
+    for i in picks:
+        try:
+            result = decode_image(plan.source.read_bytes(plan.refs[i]), max_side=max_side)
+        except OSError:
+            continue
+        if result.image is not None:
+            images.append(result.image)
+    return images
+
+
+def init_store(cfg: CurateConfig, plan: IngestPlan, embedder: Any, dim: int) -> EmbeddingStore:
+    store = EmbeddingStore(cfg.store_path)
+    store.init(
+        StoreInfo(
+            dim=dim,
+            dtype=cfg.embed.dtype,
+            embedder=embedder.describe() if embedder is not None else {"kind": "precomputed"},
+            source=plan.source.describe(),
+            shard_size=cfg.embed.shard_size,
+            n_shards=len(plan.shards),
+        )
+    )
+    return store
+
+
+def embed_shard(
+    cfg: CurateConfig, source: Any, refs: list[Any], store_root: str | Path, shard: int, *, embedder: Any = None
+) -> dict[str, int]:
+    """Embeds one shard (its refs only) into the store unless it is already done. Returns counts by status.
+
+    Without `embedder` (a Dask or Ray worker) the embedder is rebuilt from the config and the store's saved
+    state, once per process. Inside a daemonic worker process (Dask's) images are decoded in-process:
+    such a process cannot start DataLoader workers.
+    """
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    from pipeline.embed import embed_refs
+
+    store = EmbeddingStore(store_root)
+    if store.is_done(shard):
+        return {"skipped": 1}
+    embedder = embedder if embedder is not None else worker_embedder(cfg, store.root)
+    num_workers = 0 if multiprocessing.current_process().daemon else cfg.embed.num_workers
+    with tqdm(total=len(refs), desc=f"embed shard {shard}", unit="img", leave=False) as bar:
+        result = embed_refs(
+            source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
+            progress=bar.update,
+        )
+    store.write_shard(shard, result.embeddings, result.meta)
+    failpoint("embed_shard")
+    statuses = [m["status"] for m in result.meta]
+    return {s: statuses.count(s) for s in set(statuses)}
+
+
+_WORKER_EMBEDDERS: dict[tuple[str, str], Any] = {}
+
+
+def worker_embedder(cfg: CurateConfig, store_root: Path) -> Any:
+    """The run's embedder rebuilt in a worker process (kept for the process's later shards)."""
+    key = (cfg.embed.model_dump_json(), str(store_root))
+    if key not in _WORKER_EMBEDDERS:
+        if cfg.embed.kind == "pixels" and not (store_root / EMBEDDER_STATE_FILE).exists():
+            raise ValueError(f"{store_root / EMBEDDER_STATE_FILE} missing: the flow fits the pixels embedder before embedding")
+        _WORKER_EMBEDDERS[key] = make_embedder(cfg, None, EmbeddingStore(store_root))
+    return _WORKER_EMBEDDERS[key]
+
+
+def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan, fan_out: FanOut | None = None) -> EmbeddingStore:
+    """Copies precomputed embeddings (LAION/DataComp layout) into a store, one embedding file per store shard
+    (one task per file with a fan_out)."""
+    if not plan.shards:
+        raise ValueError("the precomputed source has no shards")
+    header = np.load(plan.source.emb_paths[0], mmap_mode="r")
+    store = init_store(cfg, plan, None, header.shape[1])
+    calls = [{"source": plan.source, "store_root": store.root, "shard": shard} for shard in range(len(plan.shards))]
+    (fan_out or serial_fan_out)(ingest_precomputed_shard, calls)
+    return store
+
+
+def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) -> dict[str, int]:
+    """One embedding file into store shard `shard`: rows L2-normalised in float32 chunk by chunk; zero, NaN or Inf
+    rows become meta rows with status bad_embedding. Skipped when the shard is done."""
+    store = EmbeddingStore(store_root)
+    if store.is_done(shard):
+        return {"skipped": 1}
+    samples = source.shard_frame(shard)
+    emb = np.load(source.emb_paths[shard], mmap_mode="r")
+    n = samples.height
+    ok = np.zeros(n, dtype=bool)
+    unit = np.empty(emb.shape, dtype=store.info().dtype)  # normalised in float32, held in the store's dtype
+    for s in range(0, n, 65_536):
+        x = np.asarray(emb[s:s + 65_536], dtype=np.float32)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
+        ok[s:s + len(x)] = good
+        unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
+    if not ok.all():
+        unit = unit[ok]
+    meta = samples.with_columns(
+        pl.lit(None, dtype=pl.String).alias("sha1"),
+        pl.lit(0, dtype=pl.Int32).alias("width"),
+        pl.lit(0, dtype=pl.Int32).alias("height"),
+        pl.Series("status", np.where(ok, "ok", "bad_embedding"), dtype=pl.String),
+    )
+    store.write_shard(shard, unit, meta)
+    return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
+
+
+def target_key(target: dict[str, Any]) -> str:
+    """How a step's `target` source is named in ScoringContext.targets."""
+    import json
+
+    return json.dumps(target, sort_keys=True, default=str)
+
+
+def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
+    """Embeds every step's `target` source with the run's own embedder (same model, same fitted PCA).
+
+    Each target gets a store of its own under <run_dir>/targets/<n>/, resumable like the main one. With a
+    precomputed main store the target must be precomputed embeddings of the same dimension.
+    """
+    from pipeline.config import SourceConfig
+
+    targets: dict[str, np.ndarray] = {}
+    for number, step in enumerate(s for s in cfg.steps if "target" in s.knobs()):
+        spec = step.knobs()["target"]
+        if not isinstance(spec, dict):
+            raise ValueError(f"step {step.scorer}: target must be a source mapping such as {{kind: image_folder, root: ...}}")
+        sub = cfg.model_copy(update={"source": SourceConfig.model_validate(spec), "store_dir": cfg.run_dir / "targets" / str(number) / "store"})
+        plan = plan_ingest(sub)
+        if sub.source.kind == "precomputed":
+            store = ingest_precomputed(sub, plan)
+        else:
+            if embedder is None:
+                raise ValueError("an image target needs an image embedder; with precomputed embeddings give a precomputed target")
+            store = init_store(sub, plan, embedder, embedder.dim)
+            for shard, (start, stop) in enumerate(plan.shards):
+                embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+        emb, _ = store.load()
+        if len(emb) == 0:
+            raise ValueError(f"target {spec} has no usable samples")
+        targets[target_key(spec)] = emb
+    return targets

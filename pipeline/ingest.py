@@ -1,0 +1,44 @@
+"""The ingest plan: a source listed (uids checked unique) and cut into store shards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import CurateConfig
+from pipeline.store import shard_ranges
+
+
+@dataclass
+class IngestPlan:
+    source: Any
+    refs: list[Any]  # image sources: every SampleRef, until release_refs(); precomputed: [] (tasks read their own file)
+    shards: list[tuple[int, int]]
+    n_samples: int
+    has_labels: bool
+
+    def release_refs(self) -> None:
+        """Drops the per-sample refs (one Python object each) once embedding is done, here and in the source's cache."""
+        self.refs = []
+        self.source.forget_refs()
+
+
+def plan_ingest(cfg: CurateConfig) -> IngestPlan:
+    """Lists the source's samples (uids checked unique) and cuts them into shards. A precomputed source is
+    validated file by file and listed as sizes only: one store shard per embedding file."""
+    from pipeline.sources import source_from_config
+
+    source = source_from_config(cfg.source.arguments())
+    if cfg.source.kind == "precomputed":
+        sizes = source.scan_shards()
+        if not sum(sizes):
+            raise ValueError(f"source {cfg.source.arguments()} has no samples")
+        ends = np.cumsum(sizes).tolist()
+        return IngestPlan(source=source, refs=[], shards=list(zip([0, *ends[:-1]], ends)), n_samples=int(ends[-1]),
+                          has_labels=source.has_labels())
+    refs = source.refs()
+    if not refs:
+        raise ValueError(f"source {cfg.source.arguments()} has no samples")
+    return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size), n_samples=len(refs),
+                      has_labels=any(r.label is not None for r in refs))

@@ -1,0 +1,137 @@
+"""The run's record: the manifest (one part per store shard, from its meta and the scored columns) and run.json."""
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import CurateConfig
+from pipeline.fanout import FanOut
+from pipeline.index import KMeansResult
+from pipeline.ok_rows import OkRows, uids_at
+from pipeline.steps import STEPS
+from pipeline.store import EmbeddingStore
+
+
+@dataclass
+class RunStats:
+    """Counts and timings collected across stages for run.json and the summary."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    spans: dict[str, list[float]] = field(default_factory=dict)  # stage → [first start, last end], Unix time
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to stage `name` and stretches its span."""
+        start, wall_start = time.perf_counter(), time.time()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.spans[name] = [self.spans.get(name, [wall_start])[0], time.time()]
+
+
+def write_curate_manifest(
+    cfg: CurateConfig,
+    store: EmbeddingStore,
+    rows: OkRows,
+    kmeans: KMeansResult,
+    columns: dict[str, np.ndarray],
+    notes: list[dict[str, Any]],
+    stats: RunStats,
+    fan_out: FanOut | None = None,
+) -> tuple[Path, dict[str, int]]:
+    """The run's manifest, one part per store shard, each built by a task from its shard's meta and its slice of
+    the scored columns; run.json last. Returns the manifest path and the counts written to run.json."""
+    from pipeline.manifest import commit_manifest
+
+    counts = manifest_counts(columns["reason"], n_bad=rows.bad_rows)
+    info = run_info(cfg, store, counts, notes, stats)
+    cluster = kmeans.assignment.astype(np.int32)
+    calls = []
+    for position, shard in enumerate(rows.shards):
+        start, stop = rows.bounds(position)
+        part_columns = {name: values[start:stop] for name, values in columns.items()}
+        calls.append({"store_root": store.root, "shard": shard, "columns": {**part_columns, "cluster": cluster[start:stop]},
+                      "uid_file": rows.uid_file, "index": position})
+    return commit_manifest(cfg.run_dir, info, build_manifest_part, calls, fan_out=fan_out), counts
+
+
+def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, np.ndarray], uid_file: Path, path: Path) -> int:
+    """One store shard's manifest rows, sorted by uid: its ok rows with their scored columns (dup_of row numbers
+    named by uid), its unusable rows as reason bad_input. Validated and written to `path`; returns the rows."""
+    from pipeline.manifest import conform, validate, write_part
+
+    meta = EmbeddingStore(store_root).read_meta(shard).select("uid", "label", "location", "caption", "status")
+    columns = dict(columns)
+    reason, dup_idx, weight, cluster = columns.pop("reason"), columns.pop("dup_of"), columns.pop("weight"), columns.pop("cluster")
+    dup_uid = np.full(len(dup_idx), None, dtype=object)
+    has_dup = dup_idx >= 0
+    if has_dup.any():
+        dup_uid[has_dup] = uids_at(uid_file, dup_idx[has_dup])
+    ok = meta.filter(pl.col("status") == "ok").with_columns(
+        pl.Series("keep", np.array([r is None for r in reason], dtype=bool)),
+        pl.Series("weight", weight),
+        pl.Series("cluster", cluster),
+        pl.Series("reason", reason.tolist(), dtype=pl.String),
+        pl.Series("dup_of", dup_uid.tolist(), dtype=pl.String),
+        *[pl.Series(name, values) for name, values in columns.items()],
+    )
+    bad = meta.filter(pl.col("status") != "ok").with_columns(
+        pl.lit(False).alias("keep"),
+        pl.lit(0.0, dtype=pl.Float32).alias("weight"),
+        pl.lit(-1, dtype=pl.Int32).alias("cluster"),
+        pl.lit("bad_input").alias("reason"),
+        pl.lit(None, dtype=pl.String).alias("dup_of"),
+    )
+    part = conform(pl.concat([ok, bad], how="diagonal_relaxed").sort("uid"))
+    validate(part)
+    return write_part(part, path)
+
+
+def manifest_counts(reason: np.ndarray, *, n_bad: int) -> dict[str, Any]:
+    """run.json's counts for a manifest of the scored rows' `reason`s (None = kept) plus n_bad bad_input rows."""
+    by_reason = {("kept" if r is None else str(r)): n for r, n in Counter(reason.tolist()).items()}
+    if n_bad:
+        by_reason["bad_input"] = by_reason.get("bad_input", 0) + n_bad
+    return {"samples": len(reason) + n_bad, "kept": by_reason.get("kept", 0), "by_reason": dict(sorted(by_reason.items()))}
+
+
+def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], notes: list[dict[str, Any]], stats: RunStats) -> dict[str, Any]:
+    """The run.json sidecar: config, code version, input fingerprint, counts per stage and reason, timings."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "versions": {p: version(p) for p in ("winnow", "torch", "open_clip_torch", "faiss-cpu", "polars", "prefect")},
+        "python": platform.python_version(),
+        "store": {"path": str(store.root), "fingerprint": store.fingerprint()},
+        "counts": {**counts, **stats.counts},
+        "steps": notes,
+        "orientation": {name: STEPS[name].orientation for name in {s.scorer for s in cfg.steps}},
+        "timings_s": {k: round(v, 3) for k, v in stats.timings.items()},
+        "stage_spans": stats.spans,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def store_status_counts(store: EmbeddingStore) -> dict[str, int]:
+    """Meta rows by status over every finished shard (counted shard by shard)."""
+    counts: dict[str, int] = {}
+    for shard in store.done_shards():
+        for status, n in store.read_meta(shard).group_by("status").len().iter_rows():
+            counts[str(status)] = counts.get(str(status), 0) + int(n)
+    return dict(sorted(counts.items()))
