@@ -611,7 +611,8 @@ def evaluate_run(run_dir: str | Path, settings: EvaluateConfig | None = None, *,
 def embed_eval_source(info: dict[str, Any], run_dir: str | Path, spec: SourceConfig) -> tuple[np.ndarray, np.ndarray]:
     """A labelled eval source embedded exactly like the run (same model; the pixels embedder's fitted state from the
     run's store) into <run_dir>/eval/store; returns its ok rows' (embeddings float32, labels)."""
-    from pipeline import stages
+    from pipeline import fill_store
+    from pipeline.ingest import plan_ingest
     from pipeline.config import CurateConfig
     from pipeline.store import EmbeddingStore
 
@@ -619,14 +620,14 @@ def embed_eval_source(info: dict[str, Any], run_dir: str | Path, spec: SourceCon
     sub = cfg.model_copy(update={"source": spec, "store_dir": Path(run_dir) / "eval" / "store"})
     if (spec.kind == "precomputed") != (cfg.embed.kind == "precomputed"):
         raise ValueError("eval_source: precomputed embeddings go with a precomputed run, image sources with an image run")
-    plan = stages.plan_ingest(sub)
+    plan = plan_ingest(sub)
     if spec.kind == "precomputed":
-        store = stages.ingest_precomputed(sub, plan)
+        store = fill_store.ingest_precomputed(sub, plan)
     else:
-        embedder = stages.make_embedder(cfg, None, EmbeddingStore(info["store"]["path"]))
-        store = stages.init_store(sub, plan, embedder, embedder.dim)
+        embedder = fill_store.make_embedder(cfg, None, EmbeddingStore(info["store"]["path"]))
+        store = fill_store.init_store(sub, plan, embedder, embedder.dim)
         for shard, (start, stop) in enumerate(plan.shards):
-            stages.embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+            fill_store.embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
     x, meta = store.load(dtype="float32")
     if meta["label"].null_count() or len(meta) == 0:
         raise ValueError(f"eval_source {spec.arguments()} needs labelled, decodable samples")
