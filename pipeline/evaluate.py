@@ -528,6 +528,37 @@ def choose_rule(
     }
 
 
+def auto_rule(ctx: Any, scores: np.ndarray, budget: int) -> dict[str, Any]:
+    """`rule: auto` for a curate step: :func:`choose_rule` on the alive rows of a ScoringContext (pipeline/steps.py),
+    cached as JSON under ``ctx.cache_dir`` (one folder per store fingerprint) keyed by a hash of the rows, their
+    labels, the scores and the budget, so a rerun on the same store reuses the evidence. Returns the evidence with
+    ``cached`` (whether it came from the cache)."""
+    import json
+
+    from pipeline.atomic import atomic_write_text
+
+    rows = np.flatnonzero(ctx.alive)
+    if ctx.labels is None:
+        raise ValueError("rule: auto trains probes on labels; the source has none (pick a rule, e.g. rule: ccs)")
+    labels = np.asarray(ctx.labels[rows])
+    s = np.asarray(scores, dtype=np.float64)[rows]
+    digest = hashlib.sha1()
+    for part in (rows.astype(np.int64).tobytes(), s.tobytes(), "\0".join(map(str, labels)).encode(),
+                 f"{budget}|{ctx.seed}|{AUTO_CANDIDATES}|{ProbeSpec()}".encode()):
+        digest.update(part)
+    path = Path(ctx.cache_dir) / f"auto-rule-{digest.hexdigest()[:16]}.json" if ctx.cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            return {**json.loads(path.read_text()), "cached": True}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # a damaged cache file is recomputed and replaced
+    evidence = choose_rule(np.asarray(ctx.emb[rows], dtype=np.float32), labels, s, budget, seed=ctx.seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(evidence, default=float))
+    return {**evidence, "cached": False}
+
+
 # ---- a finished run -------------------------------------------------------------------------------------------------
 
 

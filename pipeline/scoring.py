@@ -38,5 +38,6 @@ def score(
         targets=targets or {},
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
+        cache_dir=store.root / "index" / f"auto-{store.fingerprint()}",
     )
     return run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])

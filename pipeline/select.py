@@ -20,12 +20,13 @@ Rules (``rule=``):
   keep the middle band of the ranking (the ``k`` samples around the median rank, as the reference code
   does). Without embeddings it keeps the middle band of ``scores`` (the paper's "any score" variant).
 - ``"random"``: uniform without replacement.
-- ``"auto"``: ``"hard"`` when the kept fraction ≥ ``AUTO_HARD_MIN_KEEP`` (0.7), else ``"ccs"``. Why: keeping the
-  hardest beats random at low pruning rates (Paul et al.: EL2N at 50% pruned CIFAR-10 95.2 vs random 93.5),
+- ``"heuristic"``: ``"hard"`` when the kept fraction ≥ ``HEURISTIC_HARD_MIN_KEEP`` (0.7), else ``"ccs"``. Why: keeping
+  the hardest beats random at low pruning rates (Paul et al.: EL2N at 50% pruned CIFAR-10 95.2 vs random 93.5),
   but collapses below random at high pruning rates (Zheng et al.: forgetting at 90% pruned CIFAR-10 34% vs
   random ~79%), where CCS beats random (+7 pp at 90% pruned) and matches the score-based methods at 30–50%.
   0.7 kept (30% pruned) is the highest pruning rate at which every score-based method in Zheng et al.'s
-  CIFAR-10 table still beat random; below it the choice goes to the rule that is safe at every rate.
+  CIFAR-10 table still beat random; below it the choice goes to the rule that is safe at every rate. A fixed
+  guess: the steps' ``rule: auto`` chooses by evidence instead (pipeline/evaluate.py ``choose_rule``).
 
 Class balance (``class_balanced=True``, the default when ``labels`` are given): the budget is split over
 classes in proportion to their sizes with largest-remainder rounding (exact total) and the rule runs
@@ -45,14 +46,14 @@ __all__ = [
     "Selection",
     "select",
     "RULES",
-    "AUTO_HARD_MIN_KEEP",
+    "HEURISTIC_HARD_MIN_KEEP",
     "ccs_default_beta",
     "class_median_distance",
     "proportional_budgets",
 ]
 
-RULES = ("auto", "hard", "easy", "window", "ccs", "moderate", "random")
-AUTO_HARD_MIN_KEEP = 0.7
+RULES = ("heuristic", "hard", "easy", "window", "ccs", "moderate", "random")
+HEURISTIC_HARD_MIN_KEEP = 0.7
 CCS_N_BINS = 50
 _RULE_KNOBS: dict[str, frozenset[str]] = {
     "hard": frozenset(),
@@ -62,7 +63,7 @@ _RULE_KNOBS: dict[str, frozenset[str]] = {
     "ccs": frozenset({"beta", "n_bins", "cut_scores"}),
     "moderate": frozenset({"embeddings"}),
 }
-_RULE_KNOBS["auto"] = _RULE_KNOBS["hard"] | _RULE_KNOBS["ccs"]
+_RULE_KNOBS["heuristic"] = _RULE_KNOBS["hard"] | _RULE_KNOBS["ccs"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Selection:
 
     Attributes:
         keep: bool ``[n]``, exactly ``budget`` True.
-        rule: the rule that ran (never ``"auto"``).
+        rule: the rule that ran (never ``"heuristic"``).
         why: one sentence for ``run.json``: the rule, why it was chosen, its settings.
         info: JSON-serialisable details (budget, per-class budgets, knobs used, counts cut).
     """
@@ -247,7 +248,7 @@ def select(
     *,
     keep_fraction: float | None = None,
     budget: int | None = None,
-    rule: str = "auto",
+    rule: str = "heuristic",
     labels: np.ndarray | None = None,
     class_balanced: bool = True,
     seed: int = 0,
@@ -273,6 +274,9 @@ def select(
     Raises:
         ValueError: bad fraction/budget, unknown rule or knob, NaN/inf scores, shape mismatches.
     """
+    if rule == "auto":
+        raise ValueError("rule 'auto' chooses by evidence in a curate step (pipeline/evaluate.py choose_rule); "
+                         "here pass a rule, or 'heuristic' for the fixed hard/CCS switch")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
     unknown = set(rule_knobs) - _RULE_KNOBS[rule]
@@ -314,14 +318,14 @@ def select(
     if labels is not None:
         codes, classes = _codes(labels, n)
 
-    # Resolve "auto".
+    # Resolve "heuristic".
     resolved = rule
     auto_note = ""
-    if rule == "auto":
-        resolved = "hard" if frac >= AUTO_HARD_MIN_KEEP else "ccs"
+    if rule == "heuristic":
+        resolved = "hard" if frac >= HEURISTIC_HARD_MIN_KEEP else "ccs"
         cmp = ">=" if resolved == "hard" else "<"
         auto_note = (
-            f"auto: kept fraction {frac:.3g} {cmp} {AUTO_HARD_MIN_KEEP} -> {resolved} "
+            f"heuristic: kept fraction {frac:.3g} {cmp} {HEURISTIC_HARD_MIN_KEEP} -> {resolved} "
             + ("(keep-hardest beats random at low pruning rates, Paul et al. 2021)" if resolved == "hard" else
                "(keep-hardest falls below random at high pruning rates; CCS keeps coverage, Zheng et al. 2023)")
         )
@@ -329,8 +333,8 @@ def select(
         rule_knobs = {k: v for k, v in rule_knobs.items() if k in _RULE_KNOBS[resolved]}
 
     info: dict[str, Any] = {"n": n, "budget": k_total, "keep_fraction": frac, "seed": seed}
-    if rule == "auto":
-        info["auto"] = {"resolved": resolved, "hard_min_keep": AUTO_HARD_MIN_KEEP, "ignored_knobs": ignored}
+    if rule == "heuristic":
+        info["heuristic"] = {"resolved": resolved, "hard_min_keep": HEURISTIC_HARD_MIN_KEEP, "ignored_knobs": ignored}
     details = ""
     order_scores = s
     cut_scores = s

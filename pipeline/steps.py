@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ class ScoringContext:
     targets: dict[str, np.ndarray] = field(default_factory=dict)  # embedded target sets, by fill_store.target_key
     fan_out: FanOut | None = None  # runs per-cluster work as tasks on the run's task runner; None = in this process
     cluster_batches: int = 1  # how many batches of clusters fan_out gets
+    cache_dir: Path | None = None  # for artefacts derived from this store's rows (rule: auto's evidence); None = no cache
 
 
 @dataclass
@@ -295,7 +297,7 @@ def _select_knobs(ctx: ScoringContext, rule: str, cut_scores: np.ndarray | None 
     knobs: dict[str, Any] = {}
     if rule == "moderate":
         knobs["embeddings"] = ctx.emb
-    if rule in ("ccs", "auto") and cut_scores is not None:
+    if rule in ("ccs", "heuristic") and cut_scores is not None:
         knobs["cut_scores"] = cut_scores
     return knobs
 
@@ -317,8 +319,10 @@ def step_el2n(
 
     score_el2n, score_grand: higher = harder (kept first by rule hard). For the linear head GraNd is exactly
     EL2N·√(‖h‖²+1), so on unit embeddings it ranks like EL2N. With with_aum, score_aum from the same training
-    (low = likely mislabeled) and CCS cuts by it, as Zheng et al. do. With keep_fraction, `rule` selects
-    (auto: hard at ≥ 70% kept, CCS below; see pipeline/select.py).
+    (low = likely mislabeled) and CCS cuts by it, as Zheng et al. do. With keep_fraction, `rule` selects:
+    auto (default) picks among hard / easy / ccs / moderate / random by held-out probe accuracy on these scores
+    (pipeline/evaluate.py choose_rule; evidence in run.json, cached per store); heuristic = hard at ≥ 70% kept, CCS
+    below; or any rule of pipeline/select.py.
     """
     from scorers.el2n import el2n_embedding_scores
 
@@ -338,6 +342,11 @@ def step_el2n(
         out.scores["score_aum"] = _scatter(n, rows, result.aum)
         cut = -out.scores["score_aum"]
     if keep_fraction is not None:
+        if rule == "auto":
+            from pipeline.evaluate import auto_rule
+
+            out.info["auto_evidence"] = auto_rule(ctx, out.scores["score_el2n"], budget_for(ctx, keep_fraction))
+            rule = out.info["auto_evidence"]["rule"]
         out.drop, note = select_among_alive(ctx, out.scores["score_el2n"], keep_fraction, rule=rule, **_select_knobs(ctx, rule, cut))
         out.info.update(note)
     return out

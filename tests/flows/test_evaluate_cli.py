@@ -99,3 +99,39 @@ def test_evaluate_without_labels_is_one_line(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.startswith("winnow: error:") and "labels" in err and err.count("\n") == 1
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+
+
+def test_rule_auto_records_its_evidence_and_reuses_it(tmp_path: Path) -> None:
+    import pipeline.evaluate as ev
+
+    x, y = _blobs(1200, seed=4)
+    flipped = np.random.default_rng(5).random(1200) < 0.3
+    y = np.where(flipped, (y + 1) % CLASSES, y)
+    base = {"source": _write_source(tmp_path / "pre", x, [f"c{v}" for v in y]), "embed": {"kind": "precomputed"},
+            "index": {"k": 6}, "store_dir": str(tmp_path / "store"), "output_root": str(tmp_path / "runs")}
+    step = {"scorer": "el2n", "keep_fraction": 0.5, "n_seeds": 2, "n_folds": 3}
+    cfg = CurateConfig.model_validate({**base, "name": "auto", "steps": [step]})
+    info = stages.run_in_process(cfg)
+    note = info["steps"][0]
+    evidence = note["auto_evidence"]
+    assert evidence["cached"] is False
+    assert set(evidence["table"]) == set(ev.AUTO_CANDIDATES)
+    # the chosen rule is the one with the highest held-out accuracy, and it is the rule that ran
+    best = max(evidence["table"], key=lambda r: evidence["table"][r]["accuracy"])
+    assert evidence["table"][evidence["rule"]]["accuracy"] == evidence["table"][best]["accuracy"]
+    assert note["rule"] == evidence["rule"] and evidence["kept_fraction"] == 0.5
+    # 30% of the labels are wrong and EL2N ranks them hardest: keeping the hardest half must not be chosen
+    assert evidence["rule"] != "hard" and evidence["table"]["easy"]["accuracy"] > evidence["table"]["hard"]["accuracy"]
+    # a rerun on the same store reuses the evidence instead of training the probes again
+    calls = []
+    real = ev.choose_rule
+    ev.choose_rule = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        again = stages.run_in_process(cfg)["steps"][0]["auto_evidence"]
+    finally:
+        ev.choose_rule = real
+    assert not calls and again["cached"] is True and again["rule"] == evidence["rule"]
+    # the old fixed switch is still there by name
+    cfg2 = CurateConfig.model_validate({**base, "name": "heuristic", "steps": [{**step, "rule": "heuristic"}]})
+    note2 = stages.run_in_process(cfg2)["steps"][0]
+    assert "auto_evidence" not in note2 and note2["rule"] == "ccs" and note2["why"].startswith("heuristic:")

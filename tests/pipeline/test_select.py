@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.select import (
-    AUTO_HARD_MIN_KEEP,
+    HEURISTIC_HARD_MIN_KEEP,
     RULES,
     _ccs_bin_budgets,
     ccs_default_beta,
@@ -53,7 +53,7 @@ def test_every_rule_keeps_exactly_the_budget(data, n, rule, n_classes, balanced,
                  **kwargs, **knobs_for(rule, n, seed))
     assert sel.keep.dtype == bool and sel.keep.shape == (n,)
     assert int(sel.keep.sum()) == budget
-    assert sel.rule != "auto" and sel.why
+    assert sel.rule != "heuristic" and sel.why
     if balanced:
         sizes = np.bincount(labels, minlength=n_classes)
         kept = np.bincount(labels[sel.keep], minlength=n_classes)
@@ -197,20 +197,25 @@ def test_random_is_seeded() -> None:
     assert not np.array_equal(a.keep, c.keep)
 
 
-@pytest.mark.parametrize("frac, expected", [(1.0, "hard"), (0.8, "hard"), (AUTO_HARD_MIN_KEEP, "hard"),
+@pytest.mark.parametrize("frac, expected", [(1.0, "hard"), (0.8, "hard"), (HEURISTIC_HARD_MIN_KEEP, "hard"),
                                             (0.69, "ccs"), (0.3, "ccs"), (0.1, "ccs")])
-def test_auto_rule_by_keep_fraction(frac: float, expected: str) -> None:
+def test_heuristic_rule_by_keep_fraction(frac: float, expected: str) -> None:
     s = np.random.default_rng(0).normal(size=1000)
     sel = select(s, keep_fraction=frac, labels=np.arange(1000) % 4)
     assert sel.rule == expected
-    assert sel.why.startswith("auto:") and expected in sel.why
-    assert sel.info["auto"]["resolved"] == expected
+    assert sel.why.startswith("heuristic:") and expected in sel.why
+    assert sel.info["heuristic"]["resolved"] == expected
 
 
-def test_auto_ignores_ccs_knobs_when_it_picks_hard() -> None:
+def test_heuristic_ignores_ccs_knobs_when_it_picks_hard() -> None:
     s = np.arange(10.0)
     sel = select(s, keep_fraction=0.9, beta=0.2)
-    assert sel.rule == "hard" and sel.info["auto"]["ignored_knobs"] == ["beta"]
+    assert sel.rule == "hard" and sel.info["heuristic"]["ignored_knobs"] == ["beta"]
+
+
+def test_auto_is_a_step_rule_not_a_select_rule() -> None:
+    with pytest.raises(ValueError, match="by evidence"):
+        select(np.arange(10.0), keep_fraction=0.5, rule="auto")
 
 
 @pytest.mark.parametrize(
