@@ -56,10 +56,14 @@ class EmbedConfig(Strict):
     model_config_file: Path | None = None  # an open_clip model config JSON to register (its file stem is the model name)
     device: str = "auto"
     batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(None, ge=0)  # DataLoader decode workers; None = every available CPU
     shard_size: int = Field(10_000, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     max_side: int = Field(4096, ge=32)
+    # Pixels decoded per image at most (after JPEG draft scaling); more is status too_large. None = 2 × Pillow's
+    # MAX_IMAGE_PIXELS = 178,956,970. Peak memory of one decode <= 4 B × max_pixels + 8 B × max_side² + 64 MB.
+    max_pixels: int | None = Field(None, ge=1)
+    decode: Literal["auto", "cpu", "nvjpeg", "reference"] = "auto"  # see pipeline/embed/device_decode.py
     pixels: PixelsConfig = PixelsConfig()
 
 

@@ -29,11 +29,13 @@ Decisions
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +66,17 @@ _ORIENTATION_FIX = {
     8: Image.Transpose.ROTATE_90,
 }
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# Integer box reduction keeps the result >= this multiple of the target before the final (bicubic) resize: the same
+# trade Pillow's ``reducing_gap`` makes (2.0: the reduction is invisible after the resize, and cheap).
+REDUCING_GAP = 2.0
+# Mode conversion works on bands of about this many source pixels (a few 4-byte copies of a band: ~64 MB of work).
+BAND_PIXELS = 4_000_000
+BAND_WORK_BYTES = 4 * 4 * BAND_PIXELS
+# Decodes of more pixels than this (64 MB at 4 bytes a pixel) run at most LARGE_DECODE_SLOTS at a time per process.
+LARGE_DECODE_PIXELS = 16_000_000
+LARGE_DECODE_SLOTS = 1
+_LARGE_SLOTS = threading.BoundedSemaphore(LARGE_DECODE_SLOTS)
 
 
 @dataclass(frozen=True)
@@ -97,18 +110,35 @@ def default_max_pixels() -> int | None:
     return None if limit is None else 2 * int(limit)
 
 
+def memory_bound_bytes(*, max_pixels: int | None = None, max_side: int = 4096) -> int:
+    """The documented peak memory of one ``decode_image`` call (beyond the bytes passed in).
+
+    Pillow holds a decoded image in at most 4 bytes a pixel (RGB, RGBA, LA, I, F all use 4), and at most
+    ``max_pixels`` pixels are decoded; the mode conversion then runs band by band (``BAND_PIXELS`` source pixels,
+    a few copies of a band) into an output of at most ``max_side``² pixels (4 bytes each, twice while resizing).
+    """
+    pixels = default_max_pixels() if max_pixels is None else max_pixels
+    if pixels is None:
+        raise ValueError("no pixel budget: Image.MAX_IMAGE_PIXELS is None and no max_pixels was given")
+    return 4 * pixels + 2 * 4 * max_side * max_side + BAND_WORK_BYTES
+
+
 def decode_image(
     data: bytes,
     *,
     max_side: int = 4096,
     max_pixels: int | None = None,
+    cover: int | None = None,
     formats: Sequence[str] = DECODE_FORMATS,
 ) -> DecodeResult:
     """Decodes ``data`` to an 8-bit RGB image whose longest side is at most ``max_side``.
 
     Never raises on bad bytes: failures come back as a status (see the module docstring).
     ``max_pixels`` bounds the pixels actually decoded (after JPEG draft scaling); None means
-    ``default_max_pixels()``. Raises ValueError only for a bad ``max_side``/``max_pixels``.
+    ``default_max_pixels()``. ``cover``, when given, is the shortest side the caller will resize to (a model's
+    input): the image is then decoded and reduced only as far as needed to keep its shortest side >= ``cover``
+    (JPEG DCT scaling, then integer box reduction while the result stays >= ``REDUCING_GAP`` × the target);
+    the caller does the final resize. Raises ValueError only for a bad ``max_side``/``max_pixels``/``cover``.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
@@ -116,6 +146,8 @@ def decode_image(
         max_pixels = default_max_pixels()
     elif max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    if cover is not None and cover < 1:
+        raise ValueError(f"cover must be >= 1 or None, got {cover}")
     if len(data) == 0:
         return DecodeResult(None, STATUS_EMPTY, 0, 0)
 
@@ -131,35 +163,189 @@ def decode_image(
         return DecodeResult(None, STATUS_NOT_IMAGE, 0, 0)
 
     width, height = im.size
+    scale = needed_scale(width, height, max_side=max_side, cover=cover)
     try:
-        if max(width, height) > max_side and im.format in ("JPEG", "MPO"):
+        if scale < 1 and im.format in ("JPEG", "MPO"):
             # DCT-domain scaling (1/2, 1/4, 1/8) while decoding; draft keeps the result >= the requested size.
-            ratio = max_side / max(width, height)
-            im.draft(None, (max(1, math.ceil(width * ratio)), max(1, math.ceil(height * ratio))))
-        if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+            im.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+        elif scale < 1 and im.format == "JPEG2000":
+            im.reduce = _j2k_levels(scale)  # resolution levels skipped while decoding (Pillow's documented knob)
+        if max_pixels is not None and _decoded_pixels(im) > max_pixels:
             return DecodeResult(None, STATUS_TOO_LARGE, width, height)
-        im.load()
+        with _decode_slot(_decoded_pixels(im)):
+            im.load()
+            orientation = _orientation(im)
+            rgb = _shrink_to_rgb(im, scale * width / im.size[0] if im.size[0] else 1.0, max_side=max_side,
+                                 exact=cover is None)
     except (Image.DecompressionBombError, MemoryError):
         return DecodeResult(None, STATUS_TOO_LARGE, width, height)
+    except _ConversionError:  # an exotic mode Pillow cannot convert: the pixels are unusable to us
+        return DecodeResult(None, STATUS_CORRUPT, width, height)
     except Exception:
         return DecodeResult(None, STATUS_CORRUPT, width, height)
 
-    orientation = _orientation(im)
     if orientation in (5, 6, 7, 8):  # these orientations swap the displayed axes
         width, height = height, width
     try:
-        rgb = _to_rgb(im)
         if max(rgb.size) > max_side:
-            rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
         if orientation in _ORIENTATION_FIX:
             rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
         elif rgb is im:  # detach from the lazily-loaded file object (and the caller's bytes it references)
             rgb = rgb.copy()
     except MemoryError:
         return DecodeResult(None, STATUS_TOO_LARGE, width, height)
-    except Exception:  # an exotic mode Pillow cannot convert: the pixels are unusable to us
+    except Exception:
         return DecodeResult(None, STATUS_CORRUPT, width, height)
     return DecodeResult(rgb, STATUS_OK, width, height)
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What ``peek_jpeg`` reads from a JPEG's header without decoding it."""
+
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    orientation: int  # EXIF orientation, 1 when absent or unreadable
+
+
+def peek_jpeg(data: bytes, *, max_pixels: int | None = None) -> JpegHeader | None:
+    """The header of a JPEG that a GPU decoder (nvJPEG) can take as it is, else None (decode it with decode_image).
+
+    Taken: baseline or progressive JPEG in RGB (YCbCr) or greyscale, at most ``max_pixels`` (None: the default
+    budget). Not taken: other formats, CMYK/YCCK (Adobe inversion is Pillow's), broken headers, oversized images.
+    Reads markers only (no pixel decoding).
+    """
+    if len(data) < 3 or data[:3] != b"\xff\xd8\xff":
+        return None
+    budget = default_max_pixels() if max_pixels is None else max_pixels
+    try:
+        im = _identify(io.BytesIO(data), ("JPEG",))
+    except Exception:
+        return None
+    if im is None or im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    w, h = im.size
+    if w < 1 or h < 1 or (budget is not None and w * h > budget):
+        return None
+    return JpegHeader(w, h, _orientation(im))
+
+
+def needed_scale(width: int, height: int, *, max_side: int, cover: int | None) -> float:
+    """The fraction of the full resolution a caller needs: enough for ``max_side`` and, with ``cover``, no more than
+    keeps the shortest side >= ``cover``. 1.0 when the full resolution is needed."""
+    if width < 1 or height < 1:
+        return 1.0
+    scale = min(1.0, max_side / max(width, height))
+    if cover is not None:
+        scale = min(scale, cover / min(width, height))
+    return scale
+
+
+def _decoded_pixels(im: Image.Image) -> int:
+    """Pixels ``im.load()`` will produce (a JPEG 2000 ``reduce`` takes effect only at load)."""
+    w, h = im.size
+    levels = getattr(im, "_reduce", 0) if im.format == "JPEG2000" else 0
+    if levels:
+        power = 1 << levels
+        w, h = -(-w // power), -(-h // power)
+    return w * h
+
+
+def _j2k_levels(scale: float) -> int:
+    """Resolution levels a JPEG 2000 decode may skip (each halves both sides) and stay >= ``scale``."""
+    levels = 0
+    while 0.5 ** (levels + 1) >= scale and levels < 5:
+        levels += 1
+    return levels
+
+
+@contextlib.contextmanager
+def _decode_slot(pixels: int) -> Iterator[None]:
+    """Large decodes take one of ``LARGE_DECODE_SLOTS`` per process (threads such as the report's wait their turn),
+    so N threads never hold N large images at once; small decodes run freely."""
+    if pixels <= LARGE_DECODE_PIXELS:
+        yield
+        return
+    with _LARGE_SLOTS:
+        yield
+
+
+class _ConversionError(Exception):
+    pass
+
+
+def _shrink_to_rgb(im: Image.Image, scale: float, *, max_side: int, exact: bool) -> Image.Image:
+    """The loaded ``im`` as 8-bit RGB at about ``scale`` of its size (at most ``max_side``).
+
+    ``exact``: resized (bicubic) to the size ``thumbnail((max_side, max_side))`` gives. Otherwise (a caller that
+    resizes again, e.g. to a model's input): only box-reduced by the integer factor that keeps it >= ``REDUCING_GAP``
+    × the target, as Pillow's ``reducing_gap`` does. Images over ``BAND_PIXELS`` are converted band by band, so a
+    13000² palette or grey+alpha image never exists as a full-size RGBA/RGB copy: memory is the decoded source, one
+    band's conversion and the output. The bands give the same pixels as converting the whole image first.
+    """
+    w, h = im.size
+    extrema = _extrema(im)
+    large = w * h > BAND_PIXELS
+    if exact:
+        if max(w, h) <= max_side:
+            return _to_rgb(im, extrema)
+        if not large:
+            rgb = _to_rgb(im, extrema)
+            rgb = rgb.copy() if rgb is im else rgb
+            rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
+            return rgb
+        return _banded(im, extrema, size=_thumbnail_size(w, h, max_side))
+    factor = max(1, int(1.0 / scale / REDUCING_GAP)) if scale < 1 else 1
+    if factor == 1 and not large:
+        return _to_rgb(im, extrema)
+    return _banded(im, extrema, factor=factor)
+
+
+def _banded(
+    im: Image.Image, extrema: tuple[float, float] | None, *, size: tuple[int, int] | None = None, factor: int = 1
+) -> Image.Image:
+    """Converts ``im`` to RGB band by band, each band resized to ``size`` (bicubic, with the source rows its filter
+    reaches) or box-reduced by ``factor`` (bands a multiple of it), and pasted into the output."""
+    w, h = im.size
+    out_w, out_h = size if size is not None else (-(-w // factor), -(-h // factor))
+    rows_per_out = h / out_h
+    margin = 0 if size is None else math.ceil(2 * max(1.0, rows_per_out)) + 2  # bicubic reaches 2 output rows out
+    # Image.crop runs Pillow's bomb check on the band: stay under its warning size as well.
+    band_pixels = min(BAND_PIXELS, Image.MAX_IMAGE_PIXELS or BAND_PIXELS)
+    source_rows = max(1, band_pixels // w - 2 * margin - 2)
+    out_rows = max(1, int(source_rows // max(1.0, rows_per_out)))
+    out = Image.new("RGB", (out_w, out_h))
+    for o0 in range(0, out_h, out_rows):
+        o1 = min(out_h, o0 + out_rows)
+        if size is None:
+            band = _to_rgb(im.crop((0, o0 * factor, w, min(h, o1 * factor))), extrema)
+            out.paste(band.reduce(factor) if factor > 1 else band, (0, o0))
+            continue
+        y0, y1 = o0 * rows_per_out, o1 * rows_per_out
+        c0, c1 = max(0, math.floor(y0) - margin), min(h, math.ceil(y1) + margin)
+        band = _to_rgb(im.crop((0, c0, w, c1)), extrema)
+        out.paste(band.resize((out_w, o1 - o0), Image.Resampling.BICUBIC, box=(0, y0 - c0, w, y1 - c0)), (0, o0))
+    return out
+
+
+def _thumbnail_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """The size ``Image.thumbnail((max_side, max_side))`` picks for a w×h image (aspect kept, sides >= 1)."""
+    aspect = w / h
+    if aspect >= 1:
+        y = max(1, min(math.floor(max_side / aspect), math.ceil(max_side / aspect),
+                       key=lambda n: 0 if n == 0 else abs(aspect - max_side / n)))
+        return max_side, y
+    x = max(1, min(math.floor(max_side * aspect), math.ceil(max_side * aspect), key=lambda n: abs(aspect - n / max_side)))
+    return x, max_side
+
+
+def _extrema(im: Image.Image) -> tuple[float, float] | None:
+    """Whole-image (min, max) for the modes stretched by value range (I, F), so every band maps values alike."""
+    if im.mode in ("I", "F"):
+        lo, hi = im.getextrema()
+        return float(lo), float(hi)
+    return None
 
 
 def _identify(buf: io.BytesIO, formats: Sequence[str]) -> Image.Image | None:
@@ -194,25 +380,35 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _ORIENTATION_FIX else 1
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Converts any loaded Pillow mode to 8-bit RGB (see module docstring for the rules)."""
+def _to_rgb(im: Image.Image, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """Converts any loaded Pillow mode to 8-bit RGB (see module docstring for the rules).
+
+    ``extrema`` is the whole image's (min, max) when ``im`` is one band of it (modes I and F)."""
     mode = im.mode
-    if mode == "RGB" and "transparency" not in im.info:
-        return im
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(im), mode)).convert("RGB")
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and im.info.get("transparency") is not None):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by the JPEG plugin), YCbCr, LAB, HSV
+    try:
+        if mode == "RGB" and "transparency" not in im.info:
+            return im
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            return Image.fromarray(_high_depth_to_uint8(np.asarray(im), mode, extrema)).convert("RGB")
+        if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and im.info.get("transparency") is not None):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by the JPEG plugin), YCbCr, LAB, HSV
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _ConversionError(str(exc)) from exc
 
 
-def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+def _high_depth_to_uint8(arr: np.ndarray, mode: str, extrema: tuple[float, float] | None = None) -> np.ndarray:
     if mode.startswith("I;16"):
         return _round_to_uint8(arr.astype(np.float32) / 257.0)
     values = arr.astype(np.float64)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if extrema is not None:
+        lo, hi = extrema
+    else:
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data in Pillow's 32-bit container (e.g. some PNG/TIFF)
         return _round_to_uint8(values / 257.0)
     if mode == "F" and lo >= 0 and hi <= 1:

@@ -2,6 +2,7 @@
 embedding files copied in, and the steps' target sources embedded into stores of their own."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingSt
             if not e.model_config_file.exists():
                 raise FileNotFoundError(f"embed.model_config_file {e.model_config_file} not found")
             open_clip.add_model_config(e.model_config_file)
-        return ClipEmbedder(e.model, None if e.checkpoint else e.pretrained, checkpoint=e.checkpoint, device=e.device)
+        return ClipEmbedder(e.model, None if e.checkpoint else e.pretrained, checkpoint=e.checkpoint, device=e.device,
+                            decode=e.decode)
     if e.kind != "pixels":
         raise ValueError(f"embed.kind {e.kind!r} has no embedder")
     state_path = store.root / EMBEDDER_STATE_FILE
@@ -38,7 +40,7 @@ def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingSt
         with np.load(state_path, allow_pickle=False) as data:
             return PixelsEmbedder.from_state({k: data[k] for k in data.files})
     embedder = PixelsEmbedder(size=e.pixels.size, grey=e.pixels.grey, dim=e.pixels.dim, fit_samples=e.pixels.fit_samples, seed=cfg.seed)
-    embedder.fit(_sample_images(plan, e.pixels.fit_samples, seed=cfg.seed, max_side=e.max_side))
+    embedder.fit(_sample_images(plan, e.pixels.fit_samples, seed=cfg.seed, max_side=e.max_side, max_pixels=e.max_pixels))
     store.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(state_path) as tmp:
         with open(tmp, "wb") as fh:
@@ -46,20 +48,20 @@ def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingSt
     return embedder
 
 
-def _sample_images(plan: IngestPlan, n: int, *, seed: int, max_side: int) -> list[Any]:
+def _sample_images(plan: IngestPlan, n: int, *, seed: int, max_side: int, max_pixels: int | None) -> Iterator[Any]:
+    """The fit sample, one decoded image at a time: the fit keeps only each image's small pixel vector, so its memory
+    does not depend on the source images' size."""
     from pipeline.decode import decode_image
 
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(len(plan.refs), size=min(n, len(plan.refs)), replace=False))
-    images = []
     for i in picks:
         try:
-            result = decode_image(plan.source.read_bytes(plan.refs[i]), max_side=max_side)
+            result = decode_image(plan.source.read_bytes(plan.refs[i]), max_side=max_side, max_pixels=max_pixels)
         except OSError:
             continue
         if result.image is not None:
-            images.append(result.image)
-    return images
+            yield result.image
 
 
 def init_store(cfg: CurateConfig, plan: IngestPlan, embedder: Any, dim: int) -> EmbeddingStore:
@@ -100,6 +102,7 @@ def embed_shard(
     with tqdm(total=len(refs), desc=f"embed shard {shard}", unit="img", leave=False) as bar:
         result = embed_refs(
             source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
+            max_pixels=cfg.embed.max_pixels,
             progress=bar.update,
         )
     store.write_shard(shard, result.embeddings, result.meta)

@@ -589,7 +589,7 @@ class _ThumbReader:
         except Exception as exc:
             log.warning("report: cannot read %s (%s): %s", t.uid, t.location, exc)
             return None
-        decoded = decode_image(data, max_side=max(self.px * 8, 256))
+        decoded = decode_image(data, max_side=max(self.px * 8, 256), cover=self.px)  # no larger than the thumbnail needs
         if decoded.image is None:
             return None
         return _thumb_uri(decoded.image, self.px)

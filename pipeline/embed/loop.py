@@ -9,6 +9,7 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.context
+import os
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.decode import STATUS_OK, decode_image, sha1_hex
+from pipeline.decode import STATUS_OK, decode_image, peek_jpeg, sha1_hex
 from pipeline.embed.common import Embedder
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,12 @@ class EmbeddedShard:
     meta: list[dict[str, Any]]
     ok_mask: np.ndarray
     # seconds: `wait` = the encoder idle waiting for the loader (worker start included), `first_batch` = the part of
-    # it before the first batch, `encode` = in encode(); wait − first_batch near 0 means decoding kept up.
+    # it before the first batch, `encode` = in encode() (GPU decode included); wait − first_batch near 0 means
+    # decoding kept up.
     timings: dict[str, float] = field(default_factory=dict)
+    # Per-ref statistics from `embed_refs(image_stats=...)`, aligned with `meta` (None where the image did not
+    # decode, or when no function was given).
+    stats: list[dict[str, float] | None] = field(default_factory=list)
 
     @property
     def n_ok(self) -> int:
@@ -53,55 +58,128 @@ class EmbeddedShard:
         return counts
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the workers decode, from the embedder: `cover` (the model's input side: decode no larger than needed;
+    None = full size up to `max_side`) and `jpeg_to_device` (JPEGs go to the main process as bytes for nvJPEG)."""
+
+    max_side: int = 4096
+    max_pixels: int | None = None
+    cover: int | None = None
+    jpeg_to_device: bool = False
+
+
+@dataclass
+class WorkerItem:
+    """What a worker returns for one ref. Exactly one of `pixels` (the preprocessed tensor) and `jpeg` (bytes for
+    the device decoder, with their EXIF `orientation`) is set when the status is ok; neither otherwise."""
+
+    index: int
+    meta: dict[str, Any]
+    pixels: torch.Tensor | None = None
+    jpeg: torch.Tensor | None = None
+    orientation: int = 1
+    stats: dict[str, float] | None = None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity and cgroup-limited sets included, where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class _RefDataset(Dataset):
     """Reads, decodes and preprocesses one ref per item; failures become a status, never an exception."""
 
     def __init__(
-        self, source: Any, refs: Sequence[Any], preprocess: Callable[[Image.Image], torch.Tensor], max_side: int
+        self, source: Any, refs: Sequence[Any], preprocess: Callable[[Image.Image], torch.Tensor], plan: DecodePlan,
+        image_stats: Callable[..., dict[str, float]] | None = None,
     ) -> None:
-        self.source, self.refs, self.preprocess, self.max_side = source, refs, preprocess, max_side
+        self.source, self.refs, self.preprocess, self.plan, self.image_stats = source, refs, preprocess, plan, image_stats
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, dict[str, Any]]:
+    def __getitem__(self, index: int) -> WorkerItem:
+        start = time.perf_counter()
+        item = self._item(index)
+        item.meta["_seconds"] = time.perf_counter() - start  # loader busy time; popped by embed_refs
+        return item
+
+    def _item(self, index: int) -> WorkerItem:
         ref = self.refs[index]
-        meta: dict[str, Any] = {
+        item = WorkerItem(index, {
             "uid": ref.uid, "location": ref.location, "label": ref.label, "caption": ref.caption,
             "sha1": None, "width": 0, "height": 0, "status": STATUS_IO_ERROR,  # 0 = unknown, as in DecodeResult
-        }
+        })
         try:
             data = self.source.read_bytes(ref)
         except Exception as exc:  # OSError in practice; anything else must not kill the worker either
             log.warning("reading %s (%s) failed: %s", ref.uid, ref.location, exc)
-            return index, None, meta
-        meta["sha1"] = sha1_hex(data)
-        try:
-            result = decode_image(data, max_side=self.max_side)
-        except Exception as exc:
-            log.warning("decoding %s raised %s", ref.uid, exc)
-            meta["status"] = STATUS_DECODE_ERROR
-            return index, None, meta
-        meta.update(width=result.width, height=result.height, status=result.status)
-        if result.status != STATUS_OK or result.image is None:
-            return index, None, meta
-        try:
-            tensor = self.preprocess(result.image)
-        except Exception as exc:
-            log.warning("preprocessing %s raised %s", ref.uid, exc)
-            meta["status"] = STATUS_PREPROCESS_ERROR
-            return index, None, meta
-        return index, tensor, meta
+            return item
+        item.meta["sha1"] = sha1_hex(data)  # from the bytes in hand: no second read
+        if self.plan.jpeg_to_device:
+            header = peek_jpeg(data, max_pixels=self.plan.max_pixels)
+            if header is not None:
+                swap = header.orientation in (5, 6, 7, 8)
+                item.meta.update(width=header.height if swap else header.width,
+                                 height=header.width if swap else header.height, status=STATUS_OK)
+                item.jpeg, item.orientation = torch.frombuffer(bytearray(data), dtype=torch.uint8), header.orientation
+                return item
+        return _decode_on_cpu(item, data, self.preprocess, self.plan, self.image_stats)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, dict[str, Any]]]) -> dict[str, Any]:
-    """Keeps every item's meta, stacks only the decodable ones (a dict: DataLoader pins the tensor inside)."""
-    ok = [(i, t) for i, t, _ in items if t is not None]
+def _decode_on_cpu(
+    item: WorkerItem, data: bytes, preprocess: Callable[[Image.Image], torch.Tensor], plan: DecodePlan,
+    image_stats: Callable[..., dict[str, float]] | None,
+) -> WorkerItem:
+    """decode_image + preprocess into `item` (status, size, pixels, stats); used by workers and the nvJPEG fallback."""
+    uid = item.meta["uid"]
+    try:
+        result = decode_image(data, max_side=plan.max_side, max_pixels=plan.max_pixels, cover=plan.cover)
+    except Exception as exc:
+        log.warning("decoding %s raised %s", uid, exc)
+        item.meta["status"] = STATUS_DECODE_ERROR
+        return item
+    item.meta.update(width=result.width, height=result.height, status=result.status)
+    if result.status != STATUS_OK or result.image is None:
+        return item
+    try:
+        item.pixels = preprocess(result.image)
+    except Exception as exc:
+        log.warning("preprocessing %s raised %s", uid, exc)
+        item.meta["status"] = STATUS_PREPROCESS_ERROR
+        return item
+    if image_stats is not None:
+        item.stats = _stats(image_stats, result.image, len(data), result.width, result.height, uid)
+    return item
+
+
+def _stats(fn: Callable[..., dict[str, float]], image: Any, n_bytes: int, width: int, height: int, uid: str
+           ) -> dict[str, float] | None:
+    try:
+        return fn(image, n_bytes=n_bytes, width=width, height=height)
+    except Exception as exc:  # statistics must never cost an image its embedding
+        log.warning("image statistics of %s raised %s", uid, exc)
+        return None
+
+
+def _collate(items: list[WorkerItem]) -> dict[str, Any]:
+    """Keeps every item's meta, stacks the preprocessed tensors, lists the JPEGs for the device decoder
+    (a dict: DataLoader pins the tensors inside)."""
+    ok = [it for it in items if it.pixels is not None]
+    jpegs = [it for it in items if it.jpeg is not None]
     return {
-        "index": [i for i, _, _ in items],
-        "meta": [m for _, _, m in items],
-        "ok_index": [i for i, _ in ok],
-        "pixels": torch.stack([t for _, t in ok]) if ok else None,
+        "index": [it.index for it in items],
+        "meta": [it.meta for it in items],
+        "stats": [it.stats for it in items],
+        "ok_index": [it.index for it in ok],
+        "pixels": torch.stack([it.pixels for it in ok]) if ok else None,
+        "jpeg_index": [it.index for it in jpegs],
+        "jpeg": [it.jpeg for it in jpegs],
+        "jpeg_orientation": [it.orientation for it in jpegs],
     }
 
 
@@ -148,18 +226,27 @@ def embed_refs(
     embedder: Embedder,
     *,
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     pin_memory: bool | None = None,
     max_side: int = 4096,
+    max_pixels: int | None = None,
+    image_stats: Callable[..., dict[str, float]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EmbeddedShard:
     """Embeds `refs` read from `source`; undecodable items are recorded in meta with their status and skipped.
 
+    The decode path is the embedder's (`decode_path`, `decode_cover`, see pipeline.embed.device_decode).
+    `num_workers=None` uses every available CPU; 0 decodes in this process. `pin_memory=None` pins on CUDA.
+    `max_pixels` caps the pixels decoded per image (None: pipeline.decode's default). `image_stats`, when given, is
+    called as `image_stats(image, n_bytes=, width=, height=)` on each decoded image (RGB, as decoded for the model;
+    for nvJPEG-decoded JPEGs the model-size crop) and its dicts come back in `EmbeddedShard.stats`.
     `progress`, when given, is called after each batch with the number of refs that batch finished (so a
-    `tqdm.update` fits). `pin_memory=None` pins on CUDA. `num_workers=0` decodes in this process.
+    `tqdm.update` fits).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is None:
+        num_workers = available_cpus()
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if getattr(embedder, "is_fitted", True) is False:
@@ -169,24 +256,27 @@ def embed_refs(
     if pin_memory is None:
         pin_memory = device.type == "cuda"
     if n == 0:
-        timings = {"wait": 0.0, "first_batch": 0.0, "encode": 0.0, "total": 0.0}
+        timings = {"wait": 0.0, "first_batch": 0.0, "encode": 0.0, "device_decode": 0.0, "loader_busy": 0.0, "total": 0.0}
         return EmbeddedShard(np.zeros((0, dim), np.float32), [], np.zeros(0, bool), timings)
+    plan = DecodePlan(max_side=max_side, max_pixels=max_pixels, cover=getattr(embedder, "decode_cover", None),
+                      jpeg_to_device=getattr(embedder, "decode_path", None) == "nvjpeg")
 
     loader = DataLoader(
-        _RefDataset(source, refs, embedder.preprocess, max_side),
+        _RefDataset(source, refs, embedder.preprocess, plan, image_stats),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        multiprocessing_context=_worker_context(source, embedder.preprocess) if num_workers > 0 else None,
+        multiprocessing_context=_worker_context(source, embedder.preprocess, image_stats) if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,  # a few batches in hand to cover uneven decode times
     )
     out = np.empty((n, dim), np.float32)
     ok_mask = np.zeros(n, bool)
     meta: list[dict[str, Any] | None] = [None] * n
-    wait = encode = 0.0
+    stats: list[dict[str, float] | None] = [None] * n
+    wait = encode = device_decode = loader_busy = 0.0
     first: float | None = None
     start = mark = time.perf_counter()
     for batch in loader:
@@ -194,12 +284,21 @@ def embed_refs(
         wait += now - mark
         if first is None:
             first = now - start
-        for i, row in zip(batch["index"], batch["meta"]):
-            meta[i] = row
-        if batch["pixels"] is not None:
-            vecs = embedder.encode(batch["pixels"])
-            encode += time.perf_counter() - now
-            idx = np.asarray(batch["ok_index"])
+        for i, row, st in zip(batch["index"], batch["meta"], batch["stats"]):
+            meta[i], stats[i] = row, st
+            loader_busy += row.pop("_seconds", 0.0)
+        idx = list(batch["ok_index"])
+        parts = [] if batch["pixels"] is None else [batch["pixels"].to(device, non_blocking=True)]
+        if batch["jpeg"]:
+            t0 = time.perf_counter()
+            gpu_idx, gpu_pixels = _device_decode(batch, embedder, plan, meta, stats, image_stats)
+            device_decode += time.perf_counter() - t0
+            idx += gpu_idx
+            parts += gpu_pixels
+        if idx:
+            t0 = time.perf_counter()
+            vecs = embedder.encode(parts[0] if len(parts) == 1 else torch.cat(parts))
+            encode += time.perf_counter() - t0
             if vecs.shape != (len(idx), dim):
                 raise RuntimeError(f"embedder {embedder.name!r} returned {vecs.shape} for a batch of {len(idx)} (dim {dim})")
             out[idx] = vecs
@@ -207,9 +306,42 @@ def embed_refs(
         if progress is not None:
             progress(len(batch["index"]))
         mark = time.perf_counter()
-    timings = {"wait": wait, "first_batch": first or 0.0, "encode": encode, "total": time.perf_counter() - start}
+    timings = {"wait": wait, "first_batch": first or 0.0, "encode": encode, "device_decode": device_decode,
+               "loader_busy": loader_busy, "total": time.perf_counter() - start}
     missing = [i for i, row in enumerate(meta) if row is None]
     if missing:  # cannot happen with an in-order DataLoader; guards the row alignment the store relies on
         raise RuntimeError(f"embedding loop lost {len(missing)} refs (first index {missing[0]})")
     rows: list[dict[str, Any]] = meta  # type: ignore[assignment]  (no None left, checked above)
-    return EmbeddedShard(embeddings=np.ascontiguousarray(out[ok_mask]), meta=rows, ok_mask=ok_mask, timings=timings)
+    return EmbeddedShard(embeddings=np.ascontiguousarray(out[ok_mask]), meta=rows, ok_mask=ok_mask, timings=timings,
+                         stats=stats)
+
+
+def _device_decode(
+    batch: dict[str, Any], embedder: Any, plan: DecodePlan, meta: list[dict[str, Any] | None],
+    stats: list[dict[str, float] | None], image_stats: Callable[..., dict[str, float]] | None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The batch's JPEGs decoded and resized on the embedder's device; any the decoder refuses go through the CPU
+    path here (so their status is decode_image's). Returns (ref indices, (1, 3, S, S) uint8 tensors) of the ok ones."""
+    from pipeline.embed.device_decode import decode_jpegs, orient, resize_center_crop
+
+    device = torch.device(embedder.device)
+    decoded = decode_jpegs(batch["jpeg"], device)
+    idx: list[int] = []
+    pixels: list[torch.Tensor] = []
+    for i, data, orientation, img in zip(batch["jpeg_index"], batch["jpeg"], batch["jpeg_orientation"], decoded):
+        row = meta[i]
+        assert row is not None
+        if img is None:  # refused on the device: the CPU decides (ok, or corrupt with Pillow's verdict)
+            item = _decode_on_cpu(WorkerItem(i, row), data.numpy().tobytes(), embedder.preprocess, plan, image_stats)
+            stats[i] = item.stats
+            if item.pixels is not None:
+                idx.append(i)
+                pixels.append(item.pixels.unsqueeze(0).to(device))
+            continue
+        crop = resize_center_crop(orient(img, orientation), embedder.input_size)
+        idx.append(i)
+        pixels.append(crop.unsqueeze(0))
+        if image_stats is not None:
+            hwc = crop.permute(1, 2, 0).cpu().numpy()
+            stats[i] = _stats(image_stats, hwc, int(data.numel()), row["width"], row["height"], row["uid"])
+    return idx, pixels

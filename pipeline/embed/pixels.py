@@ -128,6 +128,7 @@ class PixelsEmbedder:
                 "dim": self.dim,
                 "pca_sha256": pca_hash,
                 "fit_samples": self.n_fit,
+                "decode": "reference",  # full decode up to max_side: the pixels PCA sees the whole image
                 "preprocessing": {
                     "size": self.size, "grey": self.grey, "resample": "bilinear", "scale": "[0, 1]", "centre": "fit mean",
                 },

@@ -82,14 +82,21 @@ def test_tiny_clip_satisfies_the_protocol_and_is_picklable_for_workers(tiny_clip
     assert tiny_clip.preprocess(img).shape == (3, 64, 64)
 
 
-def test_uint8_preprocess_matches_open_clips_transform_bit_for_bit(tiny_clip: ClipEmbedder, mixed_folder: Path) -> None:
-    """Workers ship uint8; encode() normalises the batch. Same numbers as open_clip's float transform."""
+def test_uint8_preprocess_matches_open_clips_transform_bit_for_bit(tiny_clip_model: str, tiny_clip: ClipEmbedder,
+                                                                   mixed_folder: Path) -> None:
+    """Workers ship uint8; encode() normalises the batch. On the reference decode path: the same numbers as
+    open_clip's float transform. On the default (cpu) path the resize runs on the uint8 tensor: within 1 grey level."""
     files = sorted(p for p in mixed_folder.iterdir() if p.name not in BAD)[:6]
     images = [Image.open(p).convert("RGB") for p in files]
-    ours = torch.stack([tiny_clip.preprocess(im) for im in images])
+    exact = ClipEmbedder(tiny_clip_model, None, device="cpu", decode="reference")
+    exact.model.load_state_dict(tiny_clip.model.state_dict())
+    ours = torch.stack([exact.preprocess(im) for im in images])
     reference = torch.stack([tiny_clip.reference_preprocess(im) for im in images])
     assert ours.dtype == torch.uint8 and reference.dtype == torch.float32
-    assert np.array_equal(tiny_clip.encode(ours), tiny_clip.encode(reference))
+    assert np.array_equal(exact.encode(ours), tiny_clip.encode(reference))
+    fast = torch.stack([tiny_clip.preprocess(im) for im in images])
+    assert fast.dtype == torch.uint8 and (fast.int() - ours.int()).abs().max() <= 1
+    assert (np.sum(tiny_clip.encode(fast) * exact.encode(ours), axis=1) > 0.999).all()
 
 
 def test_tiny_clip_embeddings_are_unit_norm_and_deterministic(tiny_clip: ClipEmbedder, mixed_folder: Path) -> None:
@@ -403,8 +410,10 @@ def test_embed_refs_records_bad_files_and_keeps_order(tiny_clip: ClipEmbedder, m
     assert shard.embeddings.shape == (len(refs) - len(BAD), 32) and shard.embeddings.dtype == np.float32
     assert shard.status_counts() == {"ok": len(refs) - 3, "empty": 1, "not_image": 1, "corrupt": 1}
     t = shard.timings
-    assert set(t) == {"wait", "first_batch", "encode", "total"}
+    assert set(t) == {"wait", "first_batch", "encode", "device_decode", "loader_busy", "total"}
     assert 0 < t["encode"] < t["total"] and 0 < t["first_batch"] <= t["wait"] < t["total"]
+    assert t["device_decode"] == 0 and 0 < t["loader_busy"]  # cpu decode path: all decoding in the workers
+    assert all("_seconds" not in row for row in shard.meta)
 
     # meta: sha1 of the bytes (also for undecodable files), real sizes for decoded ones
     for ref, row in zip(refs, shard.meta):
