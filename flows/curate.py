@@ -48,7 +48,7 @@ def open_rows(store: EmbeddingStore):
 @io_task
 def embed_targets(cfg: CurateConfig, embedder: Any) -> dict:
     targets = fill_store.embed_targets(cfg, embedder)
-    get_run_logger().info("targets: %s", {k[:60]: len(v) for k, v in targets.items()})
+    get_run_logger().info("targets: %s", {k[:60]: len(getattr(v, "emb", v)) for k, v in targets.items()})
     return targets
 
 
@@ -148,7 +148,7 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
         kmeans = clustering.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
         logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
     targets = {}
-    if any("target" in s.knobs() for s in cfg.steps):
+    if fill_store.needs_targets(cfg):
         with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
     with stats.timed("score"):

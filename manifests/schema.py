@@ -7,7 +7,9 @@ One row a sample. Required columns:
     cluster int32    concept cluster (k-means), -1 where not clustered (e.g. unreadable input)
     reason  string   why the sample was dropped (null when kept); one of REASONS
 Optional columns:
-    dup_of  string   uid of the sample this one duplicates (exact_dup, semdedup)
+    dup_of  string   uid of the sample this one duplicates (exact_dup, semdedup; leak: the evaluation row's uid)
+    quality_issue string   the image-quality checks a low_quality row failed, comma-separated
+    suggested_label string the label a label_issue / label_mismatch row more likely has
     label, location, caption  carried from the source for loaders and queries
     method  string   how a synthetic row was made (distillation: "dm", "dm+flip", "ncfm", ...)
     status  string   decode status from the store ("ok" or why the bytes could not be used)
@@ -35,6 +37,8 @@ OPTIONAL: dict[str, pl.DataType] = {
     "caption": pl.String(),
     "status": pl.String(),
     "method": pl.String(),
+    "quality_issue": pl.String(),
+    "suggested_label": pl.String(),
 }
 SCORE_PREFIX = "score_"
 SCORE_DTYPE = pl.Float32()
@@ -52,4 +56,11 @@ REASONS = (
     "ot",  # not chosen by optimal-transport targeted selection
     "select",  # cut by a selection rule on a combined score
     "synthetic",  # rows of a distilled set
+    "low_quality",  # failed an image-quality check (quality_issue names which)
+    "outlier",  # far from its nearest neighbours in embedding space
+    "leak",  # a copy or near copy of an evaluation row (dup_of names it)
+    "label_issue",  # confident learning flags its label (suggested_label)
+    "label_mismatch",  # its label is not among the zero-shot top-k of its image (suggested_label)
+    "clip_score",  # caption and image agree too little
+    "head",  # a model head's score (aesthetic, NSFW, ...) outside the kept range
 )

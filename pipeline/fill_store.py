@@ -93,6 +93,7 @@ def embed_shard(
     from tqdm.auto import tqdm
 
     from pipeline.embed import embed_refs
+    from scorers.quality import image_stats
 
     store = EmbeddingStore(store_root)
     if store.is_done(shard):
@@ -102,10 +103,12 @@ def embed_shard(
     with tqdm(total=len(refs), desc=f"embed shard {shard}", unit="img", leave=False) as bar:
         result = embed_refs(
             source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
-            max_pixels=cfg.embed.max_pixels,
+            max_pixels=cfg.embed.max_pixels, image_stats=image_stats,
             progress=bar.update,
         )
-    store.write_shard(shard, result.embeddings, result.meta)
+    # quality statistics measured on the pixels decoded for the model go into the store's meta (no second pass)
+    meta = [row if st is None else {**row, **st} for row, st in zip(result.meta, result.stats or [None] * len(result.meta))]
+    store.write_shard(shard, result.embeddings, meta)
     failpoint("embed_shard")
     statuses = [m["status"] for m in result.meta]
     return {s: statuses.count(s) for s in set(statuses)}
@@ -172,31 +175,52 @@ def target_key(target: dict[str, Any]) -> str:
     return json.dumps(target, sort_keys=True, default=str)
 
 
-def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, np.ndarray]:
-    """Embeds every step's `target` source with the run's own embedder (same model, same fitted PCA).
+def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, Any]:
+    """Embeds every step's `target` source and every source of a step's `eval_sources` with the run's own embedder
+    (same model, same fitted PCA).
 
-    Each target gets a store of its own under <run_dir>/targets/<n>/, resumable like the main one. With a
-    precomputed main store the target must be precomputed embeddings of the same dimension.
+    Each gets a store of its own under <run_dir>/targets/<n>/, resumable like the main one. With a precomputed main
+    store it must be precomputed embeddings of the same dimension. A target maps to its embeddings (key target_key);
+    an eval source to a steps.EvalSet (embeddings, uids, byte hashes; key "eval:" + target_key): leak matches exact
+    copies by hash first.
     """
     from pipeline.config import SourceConfig
+    from pipeline.steps import EvalSet
 
-    targets: dict[str, np.ndarray] = {}
-    for number, step in enumerate(s for s in cfg.steps if "target" in s.knobs()):
-        spec = step.knobs()["target"]
+    specs: list[tuple[str, dict[str, Any], bool]] = []
+    for step in cfg.steps:
+        knobs = step.knobs()
+        if "target" in knobs:
+            specs.append((step.scorer, knobs["target"], False))
+        specs += [(step.scorer, spec, True) for spec in knobs.get("eval_sources") or []]
+    targets: dict[str, Any] = {}
+    for number, (scorer, spec, is_eval) in enumerate(specs):
+        what = "eval source" if is_eval else "target"
         if not isinstance(spec, dict):
-            raise ValueError(f"step {step.scorer}: target must be a source mapping such as {{kind: image_folder, root: ...}}")
+            raise ValueError(f"step {scorer}: {what} must be a source mapping such as {{kind: image_folder, root: ...}}")
         sub = cfg.model_copy(update={"source": SourceConfig.model_validate(spec), "store_dir": cfg.run_dir / "targets" / str(number) / "store"})
         plan = plan_ingest(sub)
         if sub.source.kind == "precomputed":
             store = ingest_precomputed(sub, plan)
         else:
             if embedder is None:
-                raise ValueError("an image target needs an image embedder; with precomputed embeddings give a precomputed target")
+                raise ValueError(f"an image {what} needs an image embedder; with precomputed embeddings give precomputed ones")
             store = init_store(sub, plan, embedder, embedder.dim)
             for shard, (start, stop) in enumerate(plan.shards):
                 embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
-        emb, _ = store.load()
+        emb, meta = store.load()
         if len(emb) == 0:
-            raise ValueError(f"target {spec} has no usable samples")
-        targets[target_key(spec)] = emb
+            raise ValueError(f"{what} {spec} has no usable samples")
+        if is_eval:
+            ok = meta.filter(pl.col("status") == "ok")
+            name = str(spec.get("root") or spec.get("urls") or spec.get("path") or spec.get("kind"))
+            targets["eval:" + target_key(spec)] = EvalSet(name=name, emb=emb, uids=ok["uid"].to_numpy().astype(object),
+                                                          sha1=ok["sha1"].to_numpy().astype(object))
+        else:
+            targets[target_key(spec)] = emb
     return targets
+
+
+def needs_targets(cfg: CurateConfig) -> bool:
+    """Whether a step names a `target` or `eval_sources` to embed before scoring."""
+    return any("target" in s.knobs() or s.knobs().get("eval_sources") for s in cfg.steps)

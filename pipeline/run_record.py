@@ -76,13 +76,17 @@ def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, n
     has_dup = dup_idx >= 0
     if has_dup.any():
         dup_uid[has_dup] = uids_at(uid_file, dup_idx[has_dup])
+    outside = columns.pop("dup_of_uid", None)  # originals outside the store (leak: the eval row's uid)
+    if outside is not None:
+        dup_uid = np.where([u is not None for u in outside], outside, dup_uid)
     ok = meta.filter(pl.col("status") == "ok").with_columns(
         pl.Series("keep", np.array([r is None for r in reason], dtype=bool)),
         pl.Series("weight", weight),
         pl.Series("cluster", cluster),
         pl.Series("reason", reason.tolist(), dtype=pl.String),
         pl.Series("dup_of", dup_uid.tolist(), dtype=pl.String),
-        *[pl.Series(name, values) for name, values in columns.items()],
+        *[pl.Series(name, values.tolist(), dtype=pl.String) if values.dtype == object else pl.Series(name, values)
+          for name, values in columns.items()],
     )
     bad = meta.filter(pl.col("status") != "ok").with_columns(
         pl.lit(False).alias("keep"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.clustering import fit_index
 from pipeline.config import CurateConfig
-from pipeline.fill_store import embed_shard, embed_targets, ingest_precomputed, init_store, make_embedder
+from pipeline.fill_store import embed_shard, embed_targets, ingest_precomputed, init_store, make_embedder, needs_targets
 from pipeline.ingest import plan_ingest
 from pipeline.ok_rows import open_rows
 from pipeline.run_record import RunStats, store_status_counts, write_curate_manifest
@@ -47,7 +47,7 @@ def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
         emb, rows = open_rows(store)
         kmeans = fit_index(cfg, store, emb)
     targets = {}
-    if any("target" in s.knobs() for s in cfg.steps):
+    if needs_targets(cfg):
         with stats.timed("embed_targets"):
             targets = embed_targets(cfg, embedder)
     with stats.timed("score"):

@@ -37,6 +37,46 @@ class ScoringContext:
     fan_out: FanOut | None = None  # runs per-cluster work as tasks on the run's task runner; None = in this process
     cluster_batches: int = 1  # how many batches of clusters fan_out gets
     cache_dir: Path | None = None  # for artefacts derived from this store's rows (rule: auto's evidence); None = no cache
+    # Per-row store meta of the scored rows, in row order (quality statistics, captions, sha1): names → arrays.
+    meta: Callable[[list[str]], dict[str, np.ndarray]] | None = None
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # embedded eval sources (leak), by eval_key
+    text_encoder: Callable[..., np.ndarray] | None = None  # texts → unit embeddings from the run's CLIP text tower
+    embedder: dict[str, Any] | None = None  # the store's embedder description (store.json)
+
+    def meta_columns(self, names: list[str]) -> dict[str, np.ndarray]:
+        if self.meta is None:
+            raise ValueError(f"this run gives its steps no store meta (needed: {names})")
+        return self.meta(names)
+
+    def encode_text(self, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
+        if self.text_encoder is None:
+            raise ValueError("this step needs the CLIP text tower: embed with embed.kind: clip")
+        return self.text_encoder(texts, batch_size=batch_size)
+
+    def embedder_name(self) -> str:
+        """The store's embedder as "model/pretrained" (a checkpoint file's name when it has one; "pixels" for the pixels
+        embedder)."""
+        e = self.embedder or {}
+        if e.get("kind") != "clip" or "model" not in e:
+            return str(e.get("kind", "unknown"))  # pixels, precomputed
+        weights = e.get("pretrained") or (Path(e["checkpoint"]).name if e.get("checkpoint") else "random")
+        return f"{e['model']}/{weights}"
+
+    @staticmethod
+    def eval_key(spec: dict[str, Any]) -> str:
+        import json
+
+        return json.dumps(spec, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One embedded eval source: its ok rows' embeddings, uids and byte hashes."""
+
+    name: str
+    emb: np.ndarray
+    uids: np.ndarray
+    sha1: np.ndarray
 
 
 @dataclass
@@ -46,6 +86,8 @@ class StepOutput:
     dup_of: np.ndarray | None = None  # n int64 row index of the kept original, -1 if none
     weights: np.ndarray | None = None  # n training weights (a reweighting step); renormalised over the final kept rows
     info: dict[str, Any] = field(default_factory=dict)
+    # string columns for the manifest (quality_issue, suggested_label; dup_of = a uid outside the store, e.g. an eval row)
+    text: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 StepFn = Callable[..., StepOutput]
@@ -581,6 +623,7 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
     dup_of = np.full(n, -1, dtype=np.int64)
     weights = np.ones(n, dtype=np.float64)
     scores: dict[str, np.ndarray] = {}
+    text: dict[str, np.ndarray] = {}
     notes: list[dict[str, Any]] = []
     for name, knobs in steps:
         spec = STEPS[name]
@@ -598,12 +641,17 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
             reason[drop] = spec.reason
             if out.dup_of is not None:
                 dup_of[drop] = out.dup_of[drop]
+            for col, values in out.text.items():
+                # a later step's value never overwrites an earlier one's (only rows this step drops are written)
+                key = "dup_of_uid" if col == "dup_of" else col
+                column = text.setdefault(key, np.full(n, None, dtype=object))
+                column[drop] = np.asarray(values, dtype=object)[drop]
             ctx.alive = ctx.alive & ~drop
             dropped = int(drop.sum())
         notes.append(
             {"scorer": name, "knobs": knobs, "dropped": dropped, "alive_after": int(ctx.alive.sum()), "orientation": spec.orientation, **out.info}
         )
-    return {"reason": reason, "dup_of": dup_of, "weight": mean_one_over(weights, ctx.alive), **scores}, notes
+    return {"reason": reason, "dup_of": dup_of, "weight": mean_one_over(weights, ctx.alive), **scores, **text}, notes
 
 
 def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -615,3 +663,30 @@ def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
             raise ValueError("the kept rows' weights sum to zero or are not finite")
         out = out * (keep.sum() / total)
     return out.astype(np.float32)
+
+
+def _register_basic_steps() -> None:
+    """The #17 checks (pipeline/basic_steps.py); their knobs are their keyword-only parameters."""
+    import inspect
+
+    from pipeline import basic_steps as b
+
+    table = (
+        ("quality", b.step_quality, "low_quality",
+         "score_quality_*: statistics measured while decoding (blur: contrast-normalised Laplacian variance, higher = sharper); "
+         "rows failing a check are dropped, quality_issue names the checks"),
+        ("outlier", b.step_outlier, "outlier", "score_outlier: k-th NN cosine distance, score_outlier_density: local density ratio; higher = more outlying"),
+        ("leak", b.step_leak, "leak", "score_leak: best cosine similarity to an eval row within eps; dup_of = that eval row's uid"),
+        ("label_issues", b.step_label_issues, "label_issue", "score_label_quality: cleanlab self-confidence (out of fold); low = label likely wrong"),
+        ("head", b.step_head, "head", "score_<name>: the head's output on the embedding; keep: high or low decides"),
+        ("clip_score", b.step_clip_score, "clip_score", "score_clip: cosine(image, caption) in the same CLIP model; higher = agree more"),
+        ("label_agreement", b.step_label_agreement, "label_mismatch",
+         "score_label_rank: classes whose prompt scores above the own label's (0 = own label on top); dropped when ≥ top_k"),
+    )
+    for name, fn, reason, orientation in table:
+        knobs = frozenset(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+        register_step(name, StepSpec(fn, reason, knobs, orientation))
+
+
+_register_basic_steps()
+NEEDS_LABELS = NEEDS_LABELS | {"label_issues", "label_agreement"}

@@ -35,7 +35,13 @@ META_SCHEMA: dict[str, pl.DataType] = {
     "width": pl.Int32(),
     "height": pl.Int32(),
     "status": pl.String(),
+    # image-quality statistics measured while decoding for embedding (scorers/quality.py); null where not measured
+    **{c: pl.Float32() for c in ("q_blur", "q_brightness", "q_dark_fraction", "q_bright_fraction", "q_contrast",
+                                 "q_colourfulness", "q_entropy", "q_bytes_per_pixel")},
 }
+# Columns a shard written before they existed may lack: read as null.
+_LATE_META = ("q_blur", "q_brightness", "q_dark_fraction", "q_bright_fraction", "q_contrast", "q_colourfulness",
+              "q_entropy", "q_bytes_per_pixel")
 STORE_FORMAT_VERSION = 1
 # Rows copied (and checked for NaN/Inf) at a time by EmbeddingStore.load.
 _LOAD_BLOCK_ROWS = 65_536
@@ -136,7 +142,7 @@ class EmbeddingStore:
     def write_shard(self, shard: int, embeddings: np.ndarray, meta: Sequence[dict[str, Any]] | pl.DataFrame) -> None:
         """Writes one shard atomically: data files first (temp name + rename), the marker last."""
         frame = meta if isinstance(meta, pl.DataFrame) else pl.DataFrame(list(meta), schema=META_SCHEMA, orient="row")
-        frame = frame.select([pl.col(c).cast(t) for c, t in META_SCHEMA.items()])
+        frame = frame.select([(pl.col(c) if c in frame.columns else pl.lit(None)).cast(t).alias(c) for c, t in META_SCHEMA.items()])
         info = self.info()
         n_ok = int((frame["status"] == "ok").sum())
         if embeddings.shape != (n_ok, info.dim):
@@ -158,11 +164,12 @@ class EmbeddingStore:
         table = read_checked(path, _CannotRead, verify=False) if path.exists() else None
         if table is None:
             raise StoreError(f"cannot read {path}: the file does not exist")
-        missing = set(META_SCHEMA) - set(table.column_names)
+        missing = set(META_SCHEMA) - set(table.column_names) - set(_LATE_META)
         if missing:
             raise StoreError(f"{path} lacks the columns {sorted(missing)}")
         verify_digest(table, path, _CannotRead)
         frame = to_polars(table, path, _CannotRead)
+        frame = frame.with_columns([pl.lit(None, dtype=META_SCHEMA[c]).alias(c) for c in _LATE_META if c not in frame.columns])
         wrong = [f"{c} is {frame.schema[c]}, expected {t}" for c, t in META_SCHEMA.items()
                  if frame.schema[c] != t and frame.schema[c] != pl.Null]
         if wrong:

@@ -116,7 +116,7 @@ def quality_issues(
     *,
     min_side: Any = 32,
     max_aspect: Any = 4.0,
-    min_blur: Any = 0.05,
+    min_blur: Any = 0.15,
     max_dark_fraction: Any = 0.9,
     max_bright_fraction: Any = 0.9,
     min_contrast: Any = 0.03,
@@ -127,7 +127,8 @@ def quality_issues(
     """Which rows fail which check, from per-row statistics (arrays keyed by STAT_COLUMNS plus ``width``, ``height``).
 
     Defaults: tiny below 32 px on the short side; odd aspect beyond 4:1; blurry below a contrast-normalised Laplacian
-    variance of 0.05 on the ≤ 64-px grey copy; dark / overexposed when ≥ 90% of pixels are below luma 40 / above 215; low contrast below
+    variance of 0.15 on the ≤ 64-px grey copy (0 of 700 clean CIFAR-10 images, 93% of them blurred
+    with radius 1.2, and the one motion-blurred photo of the 22 shared photos fall below it); dark / overexposed when ≥ 90% of pixels are below luma 40 / above 215; low contrast below
     a luma std of 0.03; low information below 3 bits of luma entropy; greyscale and bytes-per-pixel off. A row with a
     NaN statistic passes that check (the statistic was not measured, e.g. a precomputed store).
     Returns :class:`QualityResult`; a failing row's ``issue`` lists every check it fails.

@@ -1,0 +1,160 @@
+"""The #17 checks as steps of a real run (the stages in process, real JPEG files, real FAISS, real cleanlab):
+planted blurred / darkened / tiny images, copies of test images in the training folder, a few off-domain photos,
+and a safetensors head; then clip_score and label agreement with the tiny open_clip model's text tower."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image, ImageFilter
+
+from pipeline import stages
+from pipeline.config import CurateConfig
+from pipeline.manifest import read_manifest, read_run_info
+
+
+def _run(cfg: dict) -> Path:
+    c = CurateConfig.model_validate(cfg)
+    stages.run_in_process(c)
+    return c.run_dir
+
+
+def _jpeg(im: Image.Image, path: Path, quality: int = 90) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format="JPEG", quality=quality)
+
+
+@pytest.fixture(scope="module")
+def planted(cifar_subset: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
+    root = tmp_path_factory.mktemp("planted")
+    shutil.copytree(cifar_subset / "train", root / "train")
+    shutil.copytree(cifar_subset / "test", root / "test")
+    train = sorted((root / "train").rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(train), 30, replace=False)
+    truth: dict[str, set[str]] = {"blurred": set(), "darkened": set(), "tiny": set(), "leak": set(), "off_domain": set()}
+    for n, i in enumerate(picks):
+        src = train[i]
+        im = Image.open(src).convert("RGB")
+        kind = ("blurred", "darkened", "tiny")[n % 3]
+        if kind == "blurred":
+            im = im.filter(ImageFilter.GaussianBlur(1.2))
+        elif kind == "darkened":
+            im = Image.eval(im, lambda v: int(v * 0.12))
+        else:
+            im = im.resize((12, 12), Image.Resampling.BILINEAR)
+        _jpeg(im, src)
+        truth[kind].add(str(src.relative_to(root / "train")))
+    tests = sorted((root / "test").rglob("*.jpg"))
+    for j, i in enumerate(rng.choice(len(tests), 8, replace=False)):
+        dst = root / "train" / tests[i].parent.name / f"leak{j}.jpg"
+        if j < 3:
+            shutil.copyfile(tests[i], dst)  # byte-identical copy
+        else:
+            _jpeg(Image.open(tests[i]).convert("RGB"), dst, quality=95)  # re-encoded copy
+        truth["leak"].add(str(dst.relative_to(root / "train")))
+    # Off-domain junk the pixels embedder can see (it knows pixel statistics, not content; the benchmark measures
+    # Fashion-MNIST images among CIFAR-10 with CNN features): coarse colour noise.
+    for j in range(6):
+        noise = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        dst = root / "train" / "cat" / f"noise{j}.jpg"
+        _jpeg(Image.fromarray(noise).resize((32, 32), Image.Resampling.NEAREST), dst)
+        truth["off_domain"].add(str(dst.relative_to(root / "train")))
+    return root, truth
+
+
+def test_quality_leak_outlier_label_issues_and_head_in_one_run(planted, tmp_path):
+    from safetensors.numpy import save_file
+
+    root, truth = planted
+    rng = np.random.default_rng(1)
+    head = tmp_path / "aesthetic.safetensors"
+    dims = [64, 32, 16, 1]  # the LAION aesthetic MLP's shape, shrunk to the pixels embedder's 64 dims; random weights
+    tensors = {}
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        tensors[f"layers.{2 * i}.weight"] = rng.standard_normal((b, a)).astype(np.float32)
+        tensors[f"layers.{2 * i}.bias"] = np.zeros(b, np.float32)
+    save_file(tensors, str(head), metadata={"embedder": "pixels"})
+    run_dir = _run({
+        "name": "basics",
+        "source": {"kind": "image_folder", "root": str(root / "train")},
+        "embed": {"kind": "pixels", "num_workers": 0, "dtype": "float32"},
+        "index": {"k": 5},
+        "steps": [
+            {"scorer": "quality"},
+            {"scorer": "leak", "eval_sources": [{"kind": "image_folder", "root": str(root / "test")}], "eps": 0.02},
+            {"scorer": "outlier", "k": 10, "quantile": 0.04},  # k above the 6 planted: a group of ≤ k hides nothing
+            {"scorer": "label_issues", "n_seeds": 2, "epochs": 5},
+            {"scorer": "head", "path": str(head), "name": "aesthetic", "quantile": 0.1},
+        ],
+        "output_root": str(tmp_path / "runs"),
+        "report": False,
+    })
+    m = read_manifest(run_dir)
+    by = {r: set(m.filter(pl.col("reason") == r)["uid"].to_list()) for r in ("low_quality", "leak", "outlier", "label_issue", "head")}
+    planted_quality = truth["blurred"] | truth["darkened"] | truth["tiny"]
+    assert truth["darkened"] | truth["tiny"] <= by["low_quality"]
+    assert len(truth["blurred"] & by["low_quality"]) >= 8  # of 10
+    assert len(by["low_quality"] - planted_quality) <= 0.05 * m.height
+    issues = dict(zip(m["uid"].to_list(), m["quality_issue"].to_list()))
+    assert all("dark" in issues[u] for u in truth["darkened"]) and all("tiny" in issues[u] for u in truth["tiny"])
+    assert by["leak"] == truth["leak"]
+    leak_rows = m.filter(pl.col("reason") == "leak")
+    assert leak_rows["dup_of"].null_count() == 0
+    test_uids = {str(p.relative_to(root / "test")) for p in (root / "test").rglob("*.jpg")}
+    assert set(leak_rows["dup_of"].to_list()) <= test_uids
+    assert len(truth["off_domain"] & by["outlier"]) >= 4  # of 6, among ~22 rows dropped as outliers
+    assert m.filter(pl.col("reason") == "label_issue")["suggested_label"].null_count() == 0
+    assert "score_aesthetic" in m.columns and m["score_aesthetic"].null_count() == 0
+    info = read_run_info(run_dir)
+    notes = {s["scorer"]: s for s in info["steps"]}
+    assert notes["leak"]["exact_hash_matches"] == 3
+    assert sum(notes["leak"]["leaked_by_eval_source"].values()) == len(truth["leak"])
+    assert set(notes["quality"]["thresholds"]) >= {"tiny", "blurry", "dark"}
+
+
+def test_head_refuses_a_head_of_another_embedder(planted, tmp_path):
+    from safetensors.numpy import save_file
+
+    root, _ = planted
+    head = tmp_path / "h.safetensors"
+    save_file({"weight": np.zeros((1, 64), np.float32), "bias": np.zeros(1, np.float32)}, str(head),
+              metadata={"embedder": "ViT-L-14/openai"})
+    with pytest.raises(ValueError, match="expects embeddings of ViT-L-14/openai"):
+        _run({"name": "h", "source": {"kind": "image_folder", "root": str(root / "test")},
+              "embed": {"kind": "pixels", "num_workers": 0}, "index": {"k": 3},
+              "steps": [{"scorer": "head", "path": str(head), "name": "aesthetic"}],
+              "output_root": str(tmp_path / "runs"), "report": False})
+
+
+def test_clip_score_and_label_agreement_with_the_text_tower(tiny_clip_model, cifar_subset, tmp_path):
+    images = sorted((cifar_subset / "test").rglob("*.jpg"))[:60]
+    table = tmp_path / "t.parquet"
+    pl.DataFrame({
+        "path": [str(p) for p in images],
+        "label": [p.parent.name for p in images],
+        "caption": [f"a photo of a {p.parent.name}" if i % 5 else None for i, p in enumerate(images)],
+    }).write_parquet(table)
+    run_dir = _run({
+        "name": "clip",
+        "source": {"kind": "table", "path": str(table), "label_column": "label", "caption_column": "caption"},
+        "embed": {"kind": "clip", "model": tiny_clip_model, "pretrained": None, "num_workers": 0, "device": "cpu", "dtype": "float32"},
+        "index": {"k": 3},
+        "steps": [{"scorer": "clip_score", "keep_fraction": 0.5}, {"scorer": "label_agreement", "top_k": 3}],
+        "output_root": str(tmp_path / "runs"),
+        "report": False,
+    })
+    m = read_manifest(run_dir)
+    with_caption = m.filter(pl.col("caption").is_not_null())
+    assert not with_caption["score_clip"].is_nan().any()
+    assert m.filter(pl.col("caption").is_null())["score_clip"].is_nan().sum() == 12  # no caption: unscored, kept
+    assert m.filter(pl.col("reason") == "clip_score").height == 30
+    assert m.filter(pl.col("caption").is_null())["keep"].all()
+    dropped = m.filter(pl.col("reason") == "clip_score")["score_clip"].max()
+    assert dropped <= m.filter(pl.col("keep") & pl.col("caption").is_not_null())["score_clip"].min()
+    mism = m.filter(pl.col("reason") == "label_mismatch")
+    assert (mism["score_label_rank"] >= 3).all() and mism["suggested_label"].null_count() == 0
