@@ -20,13 +20,16 @@ itself is meant to be used (curate in embedding space, train downstream):
    cannot leak into it. Cached under benchmarks/.cache.
 3. **Learner** (what is trained on each kept subset): an MLP 128 -> 256 (ReLU) -> 10 on the pool-standardised
    features, SGD nesterov 0.9, one-cycle lr (max 0.05, linear warm-up over 25 % of the steps, cosine to 0), wd 5e-4,
-   batch 128, **15 epochs at every kept fraction** (same epochs, so a 10 % subset gets 10 % of the steps, as in Paul et
-   al. 2021). Seeds 0, 1, 2 set the learner's init and batch order, and the randomness of random / CCS selection. All
+   batch 128. Two training budgets: **equal SGD steps** (the headline: every subset trains for the steps the full pool
+   gets in 15 epochs, as data_diet's code trains every subset for 78,000 steps and the CCS code for ``--iterations``) and
+   **equal epochs** (15 epochs over the subset, so a 10 % subset gets 10 % of the steps; the second table). Seeds 0, 1, 2 set the learner's init and batch order, and the randomness of random / CCS selection. All
    models of one kept fraction train together as one batched model (independent weights, independent batches), which
-   is what makes the trainings cheap; identical (subset, seed) pairs train once (auto_el2n is ccs_el2n below 70 % kept).
+   is what makes the trainings cheap; identical (subset, seed) pairs train once.
 4. **Scores** (computed once per dataset, seed 0, on the pool):
    - EL2N and GraNd, *model mode* (``scorers.el2n.el2n_model_scores``): the learner itself (the MLP above), 2 seeds x
-     2 epochs at a constant lr 0.05 (13 % of the 15-epoch run; the paper's "early in training" is epoch 20 of 200),
+     1 epoch at a constant lr 0.05 (7 % of the 15-epoch run; the paper's "early in training" is epoch 20 of 200 = 10 %;
+     after 2 epochs the MLP already fitted ~99 % of the easy sets and most EL2N values were ~0; the results record each
+     score's quantiles and how many of CCS's 50 bins are empty),
      eval mode; GraNd = per-example gradient norm over all MLP parameters (torch.func). AUM recorded in the same runs.
    - EL2N, *embedding mode* (``scorers.el2n.el2n_embedding_scores``) on the L2-normalised CNN features: linear proxy
      heads, 5 seeds x 5-fold cross-fitting (out-of-fold), scored after epoch 2 of Adam.
@@ -36,13 +39,18 @@ itself is meant to be used (curate in embedding space, train downstream):
    el2n_emb / prototypes with the keep-hardest rule (the papers' rule); ccs_aum (CCS binning -AUM) and ccs_el2n (CCS
    binning EL2N), both cutting the hardest beta·N by -AUM as Zheng et al. do, beta = select's default for the fraction
    (0.3 at 10 % kept, 0.1 at 30 %, 0 from 50 %); moderate (Moderate-DS: middle band of the distance to the class median
-   of the L2-normalised features); auto_el2n (model-mode EL2N with winnow's default ``rule="auto"``).
+   of the L2-normalised features); heuristic_el2n (model-mode EL2N with the fixed ``rule="heuristic"``: hard at ≥ 70 %
+   kept, CCS below); **auto_el2n, the row chosen in advance** (model-mode EL2N with winnow's default ``rule: auto``: the
+   rule picked per fraction by ``pipeline.evaluate.choose_rule``: hard / easy / ccs / moderate / random on a random 80 %
+   of the pool, linear probes on the L2-normalised features tested on the other 20 %).
 6. **Label-noise check**: flip 10 % of the pool labels (seeded, each to a uniformly drawn other class), rescore EL2N
    (both modes, same settings; no GraNd, whose per-sample gradients dominate the scoring time) and AUM, and report the
    share of the flipped samples that land in the top 10 % of EL2N (the bottom 10 % of AUM). Chance 10 %, perfect 100 %.
 
 Reported: test accuracy (%) mean +- sample std (ddof = 1) over the seeds; a method "beats random" at a fraction when its
-mean exceeds random's by more than 2 x the larger of the two stds.
+mean exceeds random's by more than 2 x the larger of the two stds; beside it, method − random with a paired bootstrap
+95 % CI over the test rows and the seeds (``pipeline.evaluate.paired_bootstrap``), because the seed std alone ignores the
+test set's sampling error.
 
 ``--learner cnn`` swaps step 3 for the small CNN trained from pixels on each kept subset (model-mode scores then come
 from that CNN too). It is the protocol to run where there is time or a GPU; the reported numbers use ``mlp``.
@@ -95,8 +103,10 @@ METHODS: dict[str, tuple[str, str, dict[str, str]]] = {
     "ccs_el2n": ("el2n_model", "ccs", {"cut_scores": "neg_aum_model"}),
     "moderate": ("none", "moderate", {"embeddings": "features"}),
     "prototypes": ("prototype", "hard", {}),
+    "heuristic_el2n": ("el2n_model", "heuristic", {"cut_scores": "neg_aum_model"}),
     "auto_el2n": ("el2n_model", "auto", {"cut_scores": "neg_aum_model"}),
 }
+PRECHOSEN = "auto_el2n"  # the row chosen in advance: winnow's default, rule: auto by evidence
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ class Protocol:
     weight_decay: float = 5e-4
     batch_size: int = 128
     score_seeds: int = 2
-    score_epochs: int = 2
+    score_epochs: int = 1
     score_lr: float = 0.05
     emb_seeds: int = 5
     emb_folds: int = 5
@@ -291,9 +301,11 @@ def cnn_apply(model: SmallCNN, x_u8: np.ndarray, mean: np.ndarray, std: np.ndarr
 
 
 def train_eval_mlps(feat: torch.Tensor, y: torch.Tensor, subsets: list[np.ndarray], seeds: list[int],
-                    test_feat: torch.Tensor, test_y: torch.Tensor, p: Protocol) -> list[float]:
-    """Trains one MLP per (subset, seed) pair, all together; returns test accuracies (%) in order.
+                    test_feat: torch.Tensor, test_y: torch.Tensor, p: Protocol,
+                    total_steps: int | None = None) -> np.ndarray:
+    """Trains one MLP per (subset, seed) pair, all together; returns test predictions [M, T] in order.
 
+    ``total_steps`` None: ``p.epochs`` epochs over the subset (equal epochs); else that many SGD steps (equal steps).
     Subsets must have equal sizes (one batched model = one number of steps)."""
     m = {len(s) for s in subsets}
     if len(m) != 1:
@@ -302,12 +314,17 @@ def train_eval_mlps(feat: torch.Tensor, y: torch.Tensor, subsets: list[np.ndarra
     n_models = len(subsets)
     model = BatchedMLP(seeds, feat.shape[1], p.hidden)
     steps_per_epoch = math.ceil(size / p.batch_size)
-    opt, sched = sgd_onecycle(model.parameters(), p.lr, p.weight_decay, p.epochs * steps_per_epoch)
+    total = total_steps if total_steps is not None else p.epochs * steps_per_epoch
+    opt, sched = sgd_onecycle(model.parameters(), p.lr, p.weight_decay, total)
     sub = torch.as_tensor(np.stack(subsets), dtype=torch.long)
     gens = [torch.Generator().manual_seed(10_000 + int(s)) for s in seeds]
-    for _ in range(p.epochs):
+    done = 0
+    while done < total:
         order = sub.gather(1, torch.stack([torch.randperm(size, generator=g) for g in gens]))
         for b in range(0, size, p.batch_size):
+            if done == total:
+                break
+            done += 1
             ids = order[:, b:b + p.batch_size]
             logits = model(feat[ids])
             # Sum over models of each model's mean batch loss: the models' gradients stay independent.
@@ -317,23 +334,23 @@ def train_eval_mlps(feat: torch.Tensor, y: torch.Tensor, subsets: list[np.ndarra
             opt.step()
             sched.step()
     with torch.no_grad():
-        pred = model(test_feat.unsqueeze(0).expand(n_models, -1, -1)).argmax(-1)
-    return [round(100.0 * float(v), 3) for v in (pred == test_y.unsqueeze(0)).float().mean(1)]
+        return model(test_feat.unsqueeze(0).expand(n_models, -1, -1)).argmax(-1).numpy()
 
 
 def train_eval_cnns(x: torch.Tensor, y: torch.Tensor, subsets: list[np.ndarray], seeds: list[int],
-                    x_test: torch.Tensor, y_test: torch.Tensor, p: Protocol, in_ch: int) -> list[float]:
-    """The ``--learner cnn`` path: one SmallCNN from pixels per (subset, seed)."""
-    accs = []
+                    x_test: torch.Tensor, y_test: torch.Tensor, p: Protocol, in_ch: int,
+                    total_steps: int | None = None) -> np.ndarray:
+    """The ``--learner cnn`` path: one SmallCNN from pixels per (subset, seed), with flips; test predictions [M, T].
+    Equal steps (``total_steps``) are rounded up to whole epochs of the subset."""
+    preds = []
     for sub, seed in zip(subsets, seeds):
         idx = torch.as_tensor(sub, dtype=torch.long)
-        model = train_cnn(x[idx], y[idx], in_ch=in_ch, widths=p.cnn_widths, epochs=p.epochs, lr=p.cnn_lr,
-                          wd=p.weight_decay, batch_size=p.batch_size, seed=10_000 + seed, flip=p.feat_flip)
+        epochs = p.epochs if total_steps is None else max(1, math.ceil(total_steps / math.ceil(len(sub) / p.batch_size)))
+        model = train_cnn(x[idx], y[idx], in_ch=in_ch, widths=p.cnn_widths, epochs=epochs, lr=p.cnn_lr,
+                          wd=p.weight_decay, batch_size=p.batch_size, seed=10_000 + seed, flip=True)
         with torch.no_grad():
-            correct = sum(int((model(x_test[s:s + 1000]).argmax(1) == y_test[s:s + 1000]).sum())
-                          for s in range(0, x_test.shape[0], 1000))
-        accs.append(round(100.0 * correct / x_test.shape[0], 3))
-    return accs
+            preds.append(torch.cat([model(x_test[s:s + 1000]).argmax(1) for s in range(0, x_test.shape[0], 1000)]).numpy())
+    return np.stack(preds)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -504,14 +521,26 @@ def run_dataset(name: str, p: Protocol, seeds: list[int], fractions: list[float]
     unit = unit_rows(data["feat_pool"])
     jobs: list[tuple[str, float, int, np.ndarray]] = []
     sel_info: dict[str, dict[str, Any]] = {}
+    auto_evidence: dict[str, Any] = {}
     for frac in fractions:
         for method in methods:
             score_name, rule, knobs = METHODS[method]
+            if rule == "auto":  # winnow's default: the rule chosen by held-out probe evidence on the pool (seed 0)
+                from pipeline.evaluate import choose_rule
+
+                ev = choose_rule(unit, y_pool, scores[score_name], int(math.floor(frac * y_pool.size + 0.5)), seed=0)
+                auto_evidence[f"{frac:g}"] = {"rule": ev["rule"], "why": ev["why"], "seconds": ev["seconds"],
+                                              "accuracy": {r: v["accuracy"] for r, v in ev["table"].items()}}
+                rule = ev["rule"]
+                log(f"{name}: auto @ {frac:g} -> {rule} ({ev['why']})")
+                knobs = {k: v for k, v in knobs.items() if rule == "ccs"}
+                if rule == "moderate":
+                    knobs = {"embeddings": "features"}
             for seed in seeds:
                 kw: dict[str, Any] = {"keep_fraction": frac, "rule": rule, "labels": y_pool, "class_balanced": True,
                                       "seed": seed}
                 kw.update({k: (unit if v == "features" else scores[v]) for k, v in knobs.items()})
-                sel = select(scores[score_name], **kw)
+                sel = select(None if rule in ("random", "moderate") else scores[score_name], **kw)
                 keep = np.flatnonzero(np.asarray(sel.keep))
                 jobs.append((method, frac, seed, keep))
                 if seed == seeds[0]:
@@ -528,28 +557,36 @@ def run_dataset(name: str, p: Protocol, seeds: list[int], fractions: list[float]
         job_to_unique.append(unique.setdefault(k, len(unique)))
     first_job = {u: i for i, u in reversed(list(enumerate(job_to_unique)))}
 
-    # Train: one batched run per kept size (all methods and seeds of a fraction share it).
-    acc: dict[str, dict[str, list[float]]] = {}
-    unique_acc: dict[int, float] = {}
-    t_train = time.perf_counter()
+    # Train: one batched run per kept size (all methods and seeds of a fraction share it), under both protocols.
     by_size: dict[int, list[int]] = {}
     for u, i in sorted(first_job.items()):
         by_size.setdefault(jobs[i][3].size, []).append(i)
     feat_t, ypool_t, ytest_t = torch.from_numpy(feat_std), torch.from_numpy(y_pool), torch.from_numpy(y_test)
-    for size, ids in sorted(by_size.items()):
-        t = time.perf_counter()
-        subsets, model_seeds = [jobs[i][3] for i in ids], [jobs[i][2] for i in ids]
-        if p.learner == "cnn":
-            accs = train_eval_cnns(data["x_pool"], ypool_t, subsets, model_seeds, data["x_test"], ytest_t, p,
-                                   data["in_ch"])
-        else:
-            accs = train_eval_mlps(feat_t, ypool_t, subsets, model_seeds, test_std, ytest_t, p)
-        for i, a in zip(ids, accs):
-            unique_acc[job_to_unique[i]] = a
-        log(f"{name}: trained {len(ids)} models on {size} samples in {time.perf_counter() - t:.0f}s")
-    for (method, frac, seed, _), u in zip(jobs, job_to_unique):
-        acc.setdefault(method, {}).setdefault(f"{frac:g}", []).append(unique_acc[u])
+    full_steps = p.epochs * math.ceil(y_pool.size / p.batch_size)
+    protocols: dict[str, dict[str, Any]] = {}
+    t_train = time.perf_counter()
+    for proto, total_steps in (("equal_steps", full_steps), ("equal_epochs", None)):
+        unique_correct: dict[int, np.ndarray] = {}
+        for size, ids in sorted(by_size.items()):
+            t = time.perf_counter()
+            subsets, model_seeds = [jobs[i][3] for i in ids], [jobs[i][2] for i in ids]
+            if p.learner == "cnn":
+                preds = train_eval_cnns(data["x_pool"], ypool_t, subsets, model_seeds, data["x_test"], ytest_t, p,
+                                        data["in_ch"], total_steps)
+            else:
+                preds = train_eval_mlps(feat_t, ypool_t, subsets, model_seeds, test_std, ytest_t, p, total_steps)
+            for i, pr in zip(ids, preds):
+                unique_correct[job_to_unique[i]] = pr == y_test
+            log(f"{name} [{proto}]: trained {len(ids)} models on {size} samples in {time.perf_counter() - t:.0f}s")
+        acc: dict[str, dict[str, list[float]]] = {}
+        correct: dict[str, dict[str, list[np.ndarray]]] = {}
+        for (method, frac, seed, _), u in zip(jobs, job_to_unique):
+            acc.setdefault(method, {}).setdefault(f"{frac:g}", []).append(round(100.0 * float(unique_correct[u].mean()), 3))
+            correct.setdefault(method, {}).setdefault(f"{frac:g}", []).append(unique_correct[u])
+        protocols[proto] = {"accuracy": acc, "steps": total_steps, "vs_random": paired_vs_random(correct, fractions),
+                            "summary": summarise(acc, fractions)}
     train_seconds = time.perf_counter() - t_train
+    acc = protocols["equal_steps"]["accuracy"]
     summary = summarise(acc, fractions)
     for line in format_table(name, summary, fractions, acc).splitlines():
         log(line)
@@ -558,7 +595,9 @@ def run_dataset(name: str, p: Protocol, seeds: list[int], fractions: list[float]
         "method_rules": {m: {"score": METHODS[m][0], "rule": METHODS[m][1], "knobs": METHODS[m][2]} for m in methods},
         "pool_size": int(y_pool.size), "test_size": int(y_test.size), "n_trainings": len(unique),
         "feature_cnn_test_accuracy": round(data["ref_test_acc"], 3),
-        "accuracy": acc, "summary": summary, "selection": sel_info, "scores": score_info, "label_noise": noise,
+        "accuracy": acc, "summary": summary, "protocols": protocols, "auto_evidence": auto_evidence,
+        "prechosen": PRECHOSEN, "score_distribution": score_distribution(scores),
+        "selection": sel_info, "scores": score_info, "label_noise": noise,
         "seconds": {"total": round(time.perf_counter() - t_all, 1), "scores": round(score_seconds, 1),
                     "training": round(train_seconds, 1),
                     **{k: round(v, 1) for k, v in data["seconds"].items()}},
@@ -570,6 +609,37 @@ def run_dataset(name: str, p: Protocol, seeds: list[int], fractions: list[float]
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def paired_vs_random(correct: dict[str, dict[str, list[np.ndarray]]], fractions: list[float]) -> dict[str, Any]:
+    """Every method minus random per fraction: paired bootstrap 95% CI over the test rows and seeds (pp)."""
+    from pipeline.evaluate import paired_bootstrap
+
+    out: dict[str, Any] = {}
+    for method, per in correct.items():
+        if method in ("random", "full"):
+            continue
+        for frac in fractions:
+            f = f"{frac:g}"
+            cmp = paired_bootstrap(np.stack(per[f]), np.stack(correct["random"][f]), n_boot=2000)
+            out.setdefault(method, {})[f] = {"diff_pp": round(100 * cmp["difference"], 3),
+                                             "ci_pp": [round(100 * v, 3) for v in cmp["difference_ci"]],
+                                             "p_value": cmp["p_value"]}
+    return out
+
+
+def score_distribution(scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Quantiles of each score and, for CCS, how many of its 50 equal-width bins over the score range are empty."""
+    out = {}
+    for name, v in scores.items():
+        if name == "none":
+            continue
+        v = np.asarray(v, dtype=np.float64)
+        lo, hi = float(v.min()), float(v.max())
+        bins = np.minimum(((v - lo) / (hi - lo) * 50).astype(int), 49) if hi > lo else np.zeros(v.size, int)
+        out[name] = {"q10": float(np.quantile(v, 0.1)), "median": float(np.median(v)), "q90": float(np.quantile(v, 0.9)),
+                     "ccs_empty_bins_of_50": int((np.bincount(bins, minlength=50) == 0).sum())}
+    return out
 
 
 def mean_std(v: list[float]) -> tuple[float, float]:
@@ -612,7 +682,8 @@ def format_table(name: str, summary: dict[str, Any], fractions: list[float],
                 m, s = mean_std(per[c])
                 best = summary.get(c, {}).get("best") == method
                 cells.append(f"**{m:.2f} ± {s:.2f}**" if best else f"{m:.2f} ± {s:.2f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            label = f"★ {method} (chosen in advance)" if method == PRECHOSEN else method
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         m, s = mean_std(acc["full"]["1"])
         lines.append(f"| full data (100%) | {m:.2f} ± {s:.2f}" + " |" * len(cols))
     lines.append("")
@@ -651,8 +722,8 @@ def write_markdown(results: list[dict[str, Any]], path: Path) -> None:
         "set (binomial SE ≈ 0.3-0.5 pp at these accuracies on 10k images, smaller for paired differences).",
         "",
         "**Bold** = best non-random method at that fraction. \"> 2 std\" = best − random > 2 × max(std_best, "
-        "std_random). Picking the best of eight methods after the fact favours it; `auto_el2n` (model-mode EL2N with "
-        "`rule=\"auto\"`, what winnow does by default) is the row chosen in advance.",
+        "std_random). Picking the best of nine methods after the fact favours it; ★ `auto_el2n` (model-mode EL2N with "
+        "`rule: auto`, the rule chosen by held-out evidence: what winnow does by default) is the row chosen in advance.",
         "",
     ]
     for r in results:
@@ -671,17 +742,41 @@ def write_markdown(results: list[dict[str, Any]], path: Path) -> None:
             + f", scores {secs['scores']:.0f} s, "
             f"{r.get('n_trainings', '?')} distinct trainings {secs['training']:.0f} s).",
             "",
+            "**Equal SGD steps (headline)**" + (f": every subset trains {r['protocols']['equal_steps']['steps']} steps, "
+                                               "the full pool's budget" if "protocols" in r else ""),
+            "",
             format_table(r["dataset"], r["summary"], r["fractions"], r["accuracy"]),
             "",
         ]
-        if "auto_el2n" in r["accuracy"]:
+        if "protocols" in r:
+            vs = r["protocols"]["equal_steps"]["vs_random"]
+            doc += ["Method − random, equal steps (pp), paired bootstrap 95% CI over the test rows and seeds:", "",
+                    "| method | " + " | ".join(f"{100 * f:g}% kept" for f in r["fractions"]) + " |",
+                    "|---" * (len(r["fractions"]) + 1) + "|"]
+            for method, per in vs.items():
+                label = f"★ {method}" if method == PRECHOSEN else method
+                doc.append(f"| {label} | " + " | ".join(
+                    f"{per[f'{f:g}']['diff_pp']:+.2f} [{per[f'{f:g}']['ci_pp'][0]:+.2f}, {per[f'{f:g}']['ci_pp'][1]:+.2f}]"
+                    for f in r["fractions"]) + " |")
+            ee = r["protocols"]["equal_epochs"]
+            doc += ["", f"**Equal epochs** ({p['epochs']} epochs over each subset, so a 10% subset gets 10% of the steps):", "",
+                    format_table(r["dataset"], ee["summary"], r["fractions"], ee["accuracy"]), ""]
+            if r.get("auto_evidence"):
+                doc += ["`auto_el2n`'s rule per fraction (chosen on the pool by pipeline.evaluate.choose_rule, held-out "
+                        "linear probes): " + "; ".join(f"{100 * float(f):g}%: {v['rule']}" for f, v in r["auto_evidence"].items()) + ".", ""]
+            dist = r.get("score_distribution", {})
+            if dist:
+                doc += ["Score distributions (scored after " + f"{p['score_epochs']} epoch(s)): " + "; ".join(
+                    f"{k} median {v['median']:.3g} (q10 {v['q10']:.3g}, q90 {v['q90']:.3g}), {v['ccs_empty_bins_of_50']}/50 CCS bins empty"
+                    for k, v in dist.items()) + ".", ""]
+        if PRECHOSEN in r["accuracy"]:
             cells = []
             for f in r["fractions"]:
-                m, sd = mean_std(r["accuracy"]["auto_el2n"][f"{f:g}"])
+                m, sd = mean_std(r["accuracy"][PRECHOSEN][f"{f:g}"])
                 rm, rs = mean_std(r["accuracy"]["random"][f"{f:g}"])
                 verdict = "beats" if m - rm > 2 * max(sd, rs) else ("loses to" if rm - m > 2 * max(sd, rs) else "ties")
                 cells.append(f"{100 * f:g}%: {m - rm:+.2f} pp ({verdict} random)")
-            doc += ["winnow default (auto_el2n) − random: " + "; ".join(cells) + ".", ""]
+            doc += [f"winnow default ({PRECHOSEN}, equal steps) − random: " + "; ".join(cells) + ".", ""]
         doc += [
             "Rules: " + ", ".join(f"{m} = {v['rule']}({v['score']}"
                                  + "".join(f", {k}={kv}" for k, kv in v.get("knobs", {}).items()) + ")"

@@ -15,7 +15,7 @@ Method (what DataComp-style evaluations do, at the scale of a curation run):
 - **Random baseline**: class-balanced random subsets of the same size as the selection (pipeline.select's
   ``random`` rule: class budgets in proportion to the pool's class sizes), one per seed.
 - **Significance**: paired bootstrap over the test rows and over the seeds: each replicate resamples the test rows
-  (the same rows for both sides: paired) and, independently, each side's seeds; the difference of the two mean
+  (Poisson(1) weights, the same for both sides: paired) and, independently, each side's seeds; the difference of the two mean
   accuracies over ``n_boot`` replicates gives the percentile CI and the two-sided p-value
   ``min(1, 2·min(P*(Δ ≤ 0), P*(Δ ≥ 0)))``. The seed std alone ignores the test set's sampling error and makes
   0.1 pp differences look significant; the test-row resampling adds it back.
@@ -223,8 +223,8 @@ def paired_bootstrap(
 ) -> dict[str, Any]:
     """Compares two methods from per-seed, per-test-row correctness (bool ``[S_a, T]`` and ``[S_b, T]``, same rows).
 
-    Each replicate draws the T test rows with replacement (shared by both: paired) and each side's seeds with
-    replacement; statistic = mean accuracy of a − mean accuracy of b. Returns the point estimates, each side's
+    Each replicate reweights the T test rows by Poisson(1) counts (the Poisson bootstrap; shared by both sides: paired)
+    and draws each side's seeds with replacement; statistic = mean accuracy of a − mean accuracy of b. Returns the point estimates, each side's
     percentile CI, the difference's CI and the two-sided bootstrap p-value (resolution 1/n_boot).
     """
     a = np.atleast_2d(np.asarray(correct_a, dtype=np.float32))
@@ -234,10 +234,13 @@ def paired_bootstrap(
     t = a.shape[1]
     rng = np.random.default_rng(seed)
     ma, mb = np.empty(n_boot), np.empty(n_boot)
-    for start in range(0, n_boot, 64):
-        reps = min(64, n_boot - start)
-        rows = rng.integers(t, size=(reps, t))  # test rows drawn, shared by both sides
-        acc_a, acc_b = a[:, rows].mean(-1).T, b[:, rows].mean(-1).T  # [reps, S]
+    for start in range(0, n_boot, 256):
+        reps = min(256, n_boot - start)
+        # Poisson(1) counts per test row: the Poisson bootstrap (a multinomial draw's fast, large-T equivalent),
+        # the same counts for both sides (paired)
+        counts = rng.poisson(1.0, size=(reps, t)).astype(np.float32)
+        total = np.maximum(counts.sum(1, keepdims=True), 1.0)
+        acc_a, acc_b = counts @ a.T / total, counts @ b.T / total  # [reps, S]
         pick_a = rng.integers(a.shape[0], size=(reps, a.shape[0]))
         pick_b = rng.integers(b.shape[0], size=(reps, b.shape[0]))
         ma[start:start + reps] = np.take_along_axis(acc_a, pick_a, 1).mean(1)
