@@ -111,6 +111,7 @@ def write_report(
         _grids(frame, thumbs, grid_size, seed),
         _duplicates(frame, thumbs, pairs),
         _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column),
+        _check_galleries(info, frame, thumbs, grid_size),
     ]
     title = f"winnow report — {info.get('config', {}).get('name', run_dir.name)}"
     page = _PAGE.format(title=_e(title), css=_CSS, body="\n".join(sections))
@@ -534,6 +535,80 @@ def _hardest_easiest(frame: pl.DataFrame, thumbs: _ThumbReader, per_class: int, 
     shown = f"showing {len(per)} of {n_classes:,} classes" if has_labels else "no labels: over all samples"
     meta = f"<p>Ranked by <code>{_e(column)}</code> ({direction}); {shown}. Captions show the drop reason if dropped.</p>"
     return _section("hardest-easiest", title, meta + "".join(rows_html))
+
+
+# reason → (score column ranking the gallery, worst first when descending, what the caption adds)
+_CHECK_GALLERIES: dict[str, tuple[str | None, bool]] = {
+    "low_quality": ("score_quality_blur", False),
+    "outlier": ("score_outlier", True),
+    "label_issue": ("score_label_quality", False),
+    "label_mismatch": ("score_label_rank", True),
+    "clip_score": ("score_clip", False),
+    "leak": ("score_leak", True),
+    "head": (None, False),
+}
+
+
+def _check_galleries(info: dict[str, Any], frame: pl.DataFrame, thumbs: _ThumbReader, n: int) -> str:
+    """One gallery per basic-check reason (worst first, with the failed check, given → suggested label, the caption,
+    the eval uid a leak copies), and for each step that cut at a threshold the rows just inside and just outside it."""
+    title = "Basic checks: galleries per reason"
+    present = [r for r in _CHECK_GALLERIES if (frame["reason"] == r).any()]
+    if not present:
+        return _section("check-galleries", title, _absent("no quality / outlier / leak / label / CLIP / head step dropped a row"))
+    if thumbs.unavailable:
+        return _section("check-galleries", title, _absent(thumbs.unavailable))
+    parts = []
+    for reason in present:
+        column, descending = _CHECK_GALLERIES[reason]
+        sub = frame.filter(pl.col("reason") == reason)
+        total = sub.height
+        if column is None:  # head: the step's own score column
+            step = next((s for s in info.get("steps", []) if s.get("scorer") == "head"), {})
+            column = f"score_{step.get('knobs', {}).get('name', '')}"
+        if column in sub.columns:
+            sub = sub.with_columns(pl.col(column).fill_nan(None)).sort(column, descending=descending, nulls_last=True)
+        sub = sub.head(n)
+        items = [_Thumb(r["uid"], r.get("location"), r.get("label"), _check_caption(r, column)) for r in sub.iter_rows(named=True)]
+        thumbs.prefetch(items)
+        parts.append(f"<h3>{_e(reason)} — {len(items)} of {total:,}</h3>"
+                     f"<div class='grid check' data-reason='{_e(reason)}'>{''.join(thumbs.html(t) for t in items)}</div>")
+    for step in info.get("steps", []):
+        threshold = step.get("threshold")
+        column = {"outlier": "score_outlier", "clip_score": "score_clip"}.get(step.get("scorer", ""))
+        if step.get("scorer") == "outlier" and step.get("score") == "density_ratio":
+            column = "score_outlier_density"
+        if step.get("scorer") == "head":
+            column = f"score_{step.get('knobs', {}).get('name', '')}"
+        if threshold is None or column is None or column not in frame.columns or not math.isfinite(threshold):
+            continue
+        scored = frame.filter(pl.col(column).is_not_null() & pl.col(column).is_finite())
+        below = scored.filter(pl.col(column) < threshold).sort(column, descending=True).head(n // 2)
+        above = scored.filter(pl.col(column) >= threshold).sort(column).head(n // 2)
+        band = [_Thumb(r["uid"], r.get("location"), r.get("label"), _check_caption(r, column)) for r in
+                list(below.iter_rows(named=True))[::-1] + list(above.iter_rows(named=True))]
+        thumbs.prefetch(band)
+        parts.append(f"<h3>{_e(step['scorer'])}: rows around its threshold {threshold:.4g} on {_e(column)} "
+                     f"(left: below, right: at or above)</h3>"
+                     f"<div class='grid band' data-step='{_e(step['scorer'])}'>{''.join(thumbs.html(t) for t in band)}</div>")
+    return _section("check-galleries", title, "".join(parts))
+
+
+def _check_caption(row: dict[str, Any], column: str | None) -> str:
+    bits = [_caption(row["uid"], row.get("label"), row.get("reason"))]
+    if row.get("quality_issue"):
+        bits.append(row["quality_issue"])
+    if row.get("suggested_label"):
+        bits.append(f"{row.get('label')} → {row['suggested_label']}")
+    if row.get("reason") == "leak" and row.get("dup_of"):
+        bits.append(f"copies eval {row['dup_of']}")
+    if row.get("caption"):
+        text = row["caption"]
+        bits.append(f"“{text if len(text) <= 60 else text[:59] + '…'}”")
+    value = row.get(column) if column else None
+    if isinstance(value, float) and math.isfinite(value):
+        bits.append(f"{column.removeprefix('score_')} {value:.3g}")
+    return " · ".join(bits)
 
 
 # ---- thumbnails ------------------------------------------------------------------------------------------------

@@ -116,6 +116,14 @@ def test_quality_leak_outlier_label_issues_and_head_in_one_run(planted, tmp_path
     assert sum(notes["leak"]["leaked_by_eval_source"].values()) == len(truth["leak"])
     assert set(notes["quality"]["thresholds"]) >= {"tiny", "blurry", "dark"}
 
+    from pipeline.report import write_report
+
+    page = write_report(run_dir, grid_size=8).read_text()
+    gallery = page[page.index("<section id='check-galleries'>"):]
+    for reason in ("low_quality", "leak", "outlier", "label_issue"):
+        assert f"data-reason='{reason}'" in gallery
+    assert "copies eval" in gallery and " → " in gallery and "data-step='outlier'" in gallery  # threshold band
+
 
 def test_head_refuses_a_head_of_another_embedder(planted, tmp_path):
     from safetensors.numpy import save_file
