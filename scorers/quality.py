@@ -55,7 +55,8 @@ def image_stats(image: Any, *, n_bytes: int | None = None, width: int | None = N
 
     ``image``: a Pillow image or an H × W × 3 uint8 array (RGB). ``n_bytes`` and the full-resolution ``width``/
     ``height`` give ``q_bytes_per_pixel`` (NaN without them). ``size``: side of the grey copy for blur (64 px).
-    Costs one resize to ``size``² and a few passes over it: ~0.1 ms an image at 64 px.
+    Costs one resize to ``size``² and a few passes over it: measured ~1 ms of CPU a 32-px image, ~3.7 ms a 640×480 one
+    (mostly the resize) on this machine's cores.
     """
     from PIL import Image
 
