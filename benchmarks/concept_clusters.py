@@ -224,7 +224,8 @@ def child_naive(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline import index as pindex
-    from pipeline import clustering, ok_rows, run_record, scoring, steps
+    from pipeline import clustering, ok_rows, run_record, scoring
+    from scorers.step import registry
     from pipeline.config import CurateConfig
     from pipeline.store import EmbeddingStore
 
@@ -245,7 +246,7 @@ def child_winnow(args: argparse.Namespace) -> dict[str, Any]:
     pindex.training_sample = timed("kmeans_sample", pindex.training_sample)
     pindex.nearest_centroid = timed("assign", pindex.nearest_centroid)
     for name in ("semdedup", "dbp"):
-        steps.STEPS[name] = dataclasses.replace(steps.STEPS[name], fn=timed(f"step_{name}", steps.STEPS[name].fn))
+        registry()[name] = dataclasses.replace(registry()[name], fn=timed(f"step_{name}", registry()[name].fn))
 
     cfg = CurateConfig.model_validate({
         "name": "run",

@@ -35,7 +35,7 @@ itself is meant to be used (curate in embedding space, train downstream):
      heads, 5 seeds x 5-fold cross-fitting (out-of-fold), scored after epoch 2 of Adam.
    - Prototypes (``scorers.prototypes``, Sorscher et al. 2022): faiss spherical k-means (k = 100) on the L2-normalised
      features, score = distance to the nearest centroid, keep hard.
-5. **Selection** (``pipeline.select.select``, class-balanced, exact budget): random; el2n_model / grand_model /
+5. **Selection** (``scorers.select.select``, class-balanced, exact budget): random; el2n_model / grand_model /
    el2n_emb / prototypes with the keep-hardest rule (the papers' rule); ccs_aum (CCS binning -AUM) and ccs_el2n (CCS
    binning EL2N), both cutting the hardest beta·N by -AUM as Zheng et al. do, beta = select's default for the fraction
    (0.3 at 10 % kept, 0.1 at 30 %, 0 from 50 %); moderate (Moderate-DS: middle band of the distance to the class median
@@ -84,7 +84,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common_data import CACHE_DIR, load_dataset  # noqa: E402
 from pipeline.index import KMeansParams, spherical_kmeans  # noqa: E402
-from pipeline.select import select  # noqa: E402
+from scorers.select import select  # noqa: E402
 from scorers.el2n import el2n_embedding_scores, el2n_model_scores  # noqa: E402
 from scorers.prototypes import prototype_scores  # noqa: E402
 
@@ -715,7 +715,7 @@ def write_markdown(results: list[dict[str, Any]], path: Path) -> None:
         f"embedding mode (linear heads, {p0['emb_folds']}-fold out-of-fold, {p0['emb_seeds']} seeds, on the "
         f"L2-normalised CNN features), prototypes (spherical k-means k={p0['kmeans_k']} on the same features, keep "
         "hard), Moderate on the same features. All selections class-balanced with an exact budget "
-        "(`pipeline.select.select`). Seeds vary the learner's init and batch order and the sampling of random and CCS; "
+        "(`scorers.select.select`). Seeds vary the learner's init and batch order and the sampling of random and CCS; "
         "the scores are fixed.",
         "",
         "The std covers the learner seeds (and the subset draw of random and CCS), not the sampling error of the test "

@@ -11,7 +11,7 @@ drawn *other* class (symmetric noise that always changes the label). Test labels
 
 Reweighting stage (timed, per condition; ``scorers.reweight``):
 
-1. coreset: ``pipeline.select.select(None, rule="moderate", keep_fraction=--coreset, labels=<pool labels>,
+1. coreset: ``scorers.select.select(None, rule="moderate", keep_fraction=--coreset, labels=<pool labels>,
    embeddings=<L2-normalised features>)`` (per-class Moderate, middle band of the distance to the class median);
 2. Meta-Weight-Net on the coreset, embedding mode (linear proxy head on the standardised features, 20 % held-out
    meta split chosen as the most class-typical coreset rows, 20 epochs);
@@ -50,7 +50,7 @@ from benchmarks.common_data import CACHE_DIR  # noqa: E402
 from benchmarks.prune_then_train import (  # noqa: E402
     DATASETS, FULL, N_CLASSES, QUICK, BatchedMLP, Protocol, log, mean_std, prepare, sgd_onecycle, unit_rows,
 )
-from pipeline.select import select  # noqa: E402
+from scorers.select import select  # noqa: E402
 from scorers.reweight import meta_weight_net_weights, normalise_weights, propagate_weights  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"

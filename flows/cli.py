@@ -63,7 +63,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    run_demo(Path(args.out))
+    print(format_summary(*run_demo(Path(args.out))))
     return 0
 
 

@@ -47,8 +47,9 @@ def demo_config(out: Path) -> dict:
     }
 
 
-def run_demo(out: Path) -> None:
-    from flows.cli import format_summary
+def run_demo(out: Path) -> tuple[dict, Path]:
+    """Writes the digits and the demo config under `out` and runs it; returns run.json's content and the manifest path
+    (the CLI prints the summary)."""
     from flows.curate import run_curate
 
     n = write_digits(out / "digits")
@@ -58,4 +59,4 @@ def run_demo(out: Path) -> None:
     print(f"demo: {n} digit images in {out / 'digits'}; embedder: pixels (model-free, no weights needed)")
     print(f"demo: config written to {config_path}; the same run is `winnow run {config_path}`")
     info = run_curate(config)
-    print(format_summary(info, Path(config["output_root"]) / config["name"] / "manifest.parquet"))
+    return info, Path(config["output_root"]) / config["name"] / "manifest.parquet"

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import distill as dd
-from pipeline.device import select_device
+from scorers.device import select_device
 from pipeline.manifest import read_run_info
 
 # Inputs are arrays and tensors: never hash them for Prefect's cache.

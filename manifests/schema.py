@@ -5,7 +5,7 @@ One row a sample. Required columns:
     keep    bool     whether the sample is in the pruned training set
     weight  float32  sampling / loss weight; 0 where dropped, mean 1 over kept rows unless a reweighting scorer says otherwise
     cluster int32    concept cluster (k-means), -1 where not clustered (e.g. unreadable input)
-    reason  string   why the sample was dropped (null when kept); one of REASONS
+    reason  string   why the sample was dropped (null when kept); one of reasons()
 Optional columns:
     dup_of  string   uid of the sample this one duplicates (exact_dup, semdedup; leak: the evaluation row's uid)
     quality_issue string   the image-quality checks a low_quality row failed, comma-separated
@@ -19,6 +19,8 @@ The schema version is stored in the Parquet file's key-value metadata under SCHE
 from __future__ import annotations
 
 import polars as pl
+
+from scorers.step import registry
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = "winnow.schema_version"
@@ -43,24 +45,15 @@ OPTIONAL: dict[str, pl.DataType] = {
 SCORE_PREFIX = "score_"
 SCORE_DTYPE = pl.Float32()
 
-REASONS = (
+# Reasons no scoring step owns. Every step registered in scorers/ adds its own (see reasons()).
+BASE_REASONS = (
     "bad_input",  # bytes could not be read or decoded
-    "exact_dup",  # same sha1 as an earlier sample
-    "semdedup",  # semantic near-duplicate (SemDeDup)
-    "dbp_quota",  # outside its concept cluster's DBP quota
-    "prototype",  # pruned by the prototype (distance-to-centroid) score
-    "el2n",
-    "grand",
-    "aum",
-    "random",
-    "ot",  # not chosen by optimal-transport targeted selection
     "select",  # cut by a selection rule on a combined score
     "synthetic",  # rows of a distilled set
-    "low_quality",  # failed an image-quality check (quality_issue names which)
-    "outlier",  # far from its nearest neighbours in embedding space
-    "leak",  # a copy or near copy of an evaluation row (dup_of names it)
-    "label_issue",  # confident learning flags its label (suggested_label)
-    "label_mismatch",  # its label is not among the zero-shot top-k of its image (suggested_label)
-    "clip_score",  # caption and image agree too little
-    "head",  # a model head's score (aesthetic, NSFW, ...) outside the kept range
 )
+
+
+def reasons() -> tuple[str, ...]:
+    """Every allowed value of `reason`: BASE_REASONS plus each registered step's drop reason."""
+    steps = registry()
+    return BASE_REASONS + tuple(sorted({s.reason for s in steps.values() if s.reason is not None} - set(BASE_REASONS)))

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path
 from pipeline.config import CurateConfig
-from pipeline.device import faiss_gpu_available
+from scorers.device import faiss_gpu_available
 from pipeline.faults import failpoint
 from pipeline.fanout import FanOut, serial_fan_out
 from pipeline.index import KMeansParams, KMeansResult, artefact_key, fit_centroids

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from scorers.step import needing, validate_steps
+
 
 def _plain_name(value: str) -> str:
     if not value or "/" in value or value.startswith("."):
@@ -91,7 +93,7 @@ class RunnerConfig(Strict):
 
 
 class StepConfig(Strict):
-    """One scoring step. `scorer` names it; the other keys are its knobs (see pipeline/steps.py)."""
+    """One scoring step. `scorer` names it; the other keys are its knobs (declared by its step in scorers/, see scorers/step.py)."""
 
     scorer: str
     model_config = ConfigDict(extra="allow")
@@ -133,9 +135,7 @@ class CurateConfig(Strict):
     def _consistent(self) -> CurateConfig:
         if (self.source.kind == "precomputed") != (self.embed.kind == "precomputed"):
             raise ValueError("source.kind 'precomputed' goes with embed.kind 'precomputed' and only with it")
-        from pipeline.steps import check_steps  # late import: steps imports scorers
-
-        check_steps([(s.scorer, s.knobs()) for s in self.steps])
+        validate_steps([(s.scorer, s.knobs()) for s in self.steps])
         return self
 
     @property
@@ -183,14 +183,13 @@ def check_plan_size(cfg: CurateConfig, n_samples: int, *, has_labels: bool | Non
     index.k > n_samples, a keep_fraction that keeps no row, or a labelled scorer on a source without labels
     (has_labels False; None skips that check) are ValueErrors naming the setting.
     """
-    from pipeline.steps import NEEDS_LABELS
-
     if n_samples <= 0:
         raise ValueError(f"source {cfg.source.arguments()} has no samples")
     if cfg.index.k > n_samples:
         raise ValueError(
             f"index.k = {cfg.index.k} clusters but the source lists only {n_samples} samples; lower index.k"
         )
+    needs_labels = needing("labels", [(s.scorer, s.knobs()) for s in cfg.steps])
     for position, step in enumerate(cfg.steps):
         knobs = step.knobs()
         fraction = knobs.get("keep_fraction")
@@ -198,7 +197,7 @@ def check_plan_size(cfg: CurateConfig, n_samples: int, *, has_labels: bool | Non
             raise ValueError(
                 f"step {position} ({step.scorer}): keep_fraction {fraction} of {n_samples} samples keeps no sample"
             )
-        if has_labels is False and step.scorer in NEEDS_LABELS:
+        if has_labels is False and position in needs_labels:
             raise ValueError(
                 f"step {position} ({step.scorer}) needs labels; the source has none "
                 "(image_folder class subfolders, or a label column)"
@@ -213,13 +212,10 @@ def check_targets(cfg: CurateConfig) -> dict[str, int]:
     from pipeline.sources import source_from_config
 
     counts: dict[str, int] = {}
-    for position, step in enumerate(cfg.steps):
-        spec = step.knobs().get("target")
-        if spec is None:
-            continue
+    for position in needing("targets", [(s.scorer, s.knobs()) for s in cfg.steps]):
+        step = cfg.steps[position]
+        spec = step.knobs()["target"]  # a source mapping: checked when the config loaded
         where = f"step {position} ({step.scorer})"
-        if not isinstance(spec, dict):
-            raise ValueError(f"{where}: target must be a source mapping such as {{kind: image_folder, root: ...}}")
         try:
             n = len(source_from_config(dict(spec)).refs())
         except ValueError as exc:  # SourceError, DuplicateUidError

@@ -55,7 +55,7 @@ from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.config import RunName, Strict, read_yaml_mapping
-from pipeline.device import select_device
+from scorers.device import select_device
 from pipeline.manifest import write_manifest
 from scorers.distill import DSA_STRATEGY, cf_loss, convnet, dm_loss, dsa_augment, flip_concat, sample_frequencies
 

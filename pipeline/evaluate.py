@@ -12,7 +12,7 @@ Method (what DataComp-style evaluations do, at the scale of a curation run):
   the weights, solved to convergence with L-BFGS (deterministic: the only randomness is the subset), or a one-hidden-
   layer MLP (``probe="mlp"``: AdamW, the same number of steps for every subset size, seeds vary init and order).
   Many probes train together as one batched model (independent weights).
-- **Random baseline**: class-balanced random subsets of the same size as the selection (pipeline.select's
+- **Random baseline**: class-balanced random subsets of the same size as the selection (scorers.select's
   ``random`` rule: class budgets in proportion to the pool's class sizes), one per seed.
 - **Significance**: paired bootstrap over the test rows and over the seeds: each replicate resamples the test rows
   (Poisson(1) weights, the same for both sides: paired) and, independently, each side's seeds; the difference of the two mean
@@ -280,7 +280,7 @@ def verdict(cmp: dict[str, Any], alpha: float = 0.05) -> str:
 
 
 def _random_subsets(y: np.ndarray, size: int, seeds: Sequence[int]) -> list[np.ndarray]:
-    from pipeline.select import select
+    from scorers.select import select
 
     return [np.flatnonzero(select(None, budget=size, rule="random", labels=y, seed=int(s)).keep) for s in seeds]
 
@@ -385,7 +385,7 @@ def select_rule(rule: str, scores: SweepScores, labels: np.ndarray, budget: int,
     """Pool row indices kept by one sweep rule at ``budget`` (class-balanced except dbp, whose quotas are per concept
     cluster): hard / easy / ccs on EL2N, moderate on the embeddings' distance to the class median, prototypes =
     keep-hardest by prototype distance, dbp = DBP quotas (τ = 0.1) keeping the farthest from the centroid."""
-    from pipeline.select import select
+    from scorers.select import select
 
     if rule in ("hard", "easy", "ccs"):
         return np.flatnonzero(select(scores.el2n, budget=budget, rule=rule, labels=labels, seed=seed).keep)
@@ -532,7 +532,7 @@ def choose_rule(
 
 
 def auto_rule(ctx: Any, scores: np.ndarray, budget: int) -> dict[str, Any]:
-    """`rule: auto` for a curate step: :func:`choose_rule` on the alive rows of a ScoringContext (pipeline/steps.py),
+    """`rule: auto` for a curate step: :func:`choose_rule` on the alive rows of a ScoringContext (scorers/step.py),
     cached as JSON under ``ctx.cache_dir`` (one folder per store fingerprint) keyed by a hash of the rows, their
     labels, the scores and the budget, so a rerun on the same store reuses the evidence. Returns the evidence with
     ``cached`` (whether it came from the cache)."""

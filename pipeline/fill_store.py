@@ -2,6 +2,7 @@
 embedding files copied in, and the steps' target sources embedded into stores of their own."""
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,12 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import atomic_path
-from pipeline.config import CurateConfig
+from pipeline.config import CurateConfig, SourceConfig
 from pipeline.faults import failpoint
 from pipeline.fanout import FanOut, serial_fan_out
 from pipeline.ingest import IngestPlan, plan_ingest
 from pipeline.store import EmbeddingStore, StoreInfo
+from scorers.step import EvalSet, target_key
 
 EMBEDDER_STATE_FILE = "embedder_state.npz"
 
@@ -88,8 +90,6 @@ def embed_shard(
     state, once per process. Inside a daemonic worker process (Dask's) images are decoded in-process:
     such a process cannot start DataLoader workers.
     """
-    import multiprocessing
-
     from tqdm.auto import tqdm
 
     from pipeline.embed import embed_refs
@@ -168,25 +168,15 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) ->
     return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
 
-def target_key(target: dict[str, Any]) -> str:
-    """How a step's `target` source is named in ScoringContext.targets."""
-    import json
-
-    return json.dumps(target, sort_keys=True, default=str)
-
-
 def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, Any]:
     """Embeds every step's `target` source and every source of a step's `eval_sources` with the run's own embedder
     (same model, same fitted PCA).
 
     Each gets a store of its own under <run_dir>/targets/<n>/, resumable like the main one. With a precomputed main
     store it must be precomputed embeddings of the same dimension. A target maps to its embeddings (key target_key);
-    an eval source to a steps.EvalSet (embeddings, uids, byte hashes; key "eval:" + target_key): leak matches exact
+    an eval source to a scorers.step.EvalSet (embeddings, uids, byte hashes; key "eval:" + target_key): leak matches exact
     copies by hash first.
     """
-    from pipeline.config import SourceConfig
-    from pipeline.steps import EvalSet
-
     specs: list[tuple[str, dict[str, Any], bool]] = []
     for step in cfg.steps:
         knobs = step.knobs()

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from pipeline.atomic import atomic_path, atomic_write_text
-from pipeline.device import faiss_gpu_available
+from scorers.device import faiss_gpu_available
 
 log = logging.getLogger(__name__)
 

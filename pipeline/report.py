@@ -36,20 +36,11 @@ import polars as pl
 from manifests.schema import SCORE_PREFIX
 from pipeline.atomic import atomic_write_text
 from pipeline.manifest import read_manifest, read_run_info
+from scorers.step import registry
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
-
-# Score columns that rank examples by difficulty, in order of preference, with the sign that makes
-# "larger = harder". Training-dynamics scores come first: they measure difficulty for the model directly.
-HARDNESS_COLUMNS: dict[str, int] = {
-    "score_el2n": 1,  # EL2N: larger error norm = harder
-    "score_grand": 1,  # GraNd: larger gradient norm = harder
-    "score_aum": -1,  # AUM: small or negative margin = harder (often mislabeled)
-    "score_forgetting": 1,  # forgetting events: more = harder
-    "score_prototype": 1,  # distance to the nearest centroid: farther = harder
-}
 
 _KEPT_COLOUR = "#2b8a3e"
 _DROP_COLOUR = "#c92a2a"
@@ -81,7 +72,8 @@ def write_report(
 
     grid_size: kept and dropped samples shown each; pairs: duplicate pairs shown per kind (exact, semantic);
     per_class / max_classes: hardest and easiest examples per class, for at most that many classes;
-    hardness_column: the score column ranking difficulty (default: the first of HARDNESS_COLUMNS present);
+    hardness_column: the score column ranking difficulty (default: the first difficulty score the run's steps
+        declare, in step order; see hardness_columns);
     thumb_px: longest thumbnail side; seed: for the sampled grids.
     Raises ManifestError (a ValueError) when run_dir holds no finished run, ValueError for bad knobs.
     """
@@ -110,7 +102,7 @@ def write_report(
         _evaluation(info),
         _grids(frame, thumbs, grid_size, seed),
         _duplicates(frame, thumbs, pairs),
-        _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column),
+        _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column, hardness_columns(info.get("steps") or [])),
         _check_galleries(info, frame, thumbs, grid_size),
     ]
     title = f"winnow report — {info.get('config', {}).get('name', run_dir.name)}"
@@ -257,7 +249,7 @@ def _histograms(info: dict[str, Any], frame: pl.DataFrame) -> str:
         dropped_name = f"dropped by {steps[pos]['scorer']}" if pos is not None else "dropped"
         groups = [
             ("kept", keep & finite, _KEPT_COLOUR),
-            (dropped_name, ~keep & finite & (dropped_here if own else True), _DROP_COLOUR),
+            (dropped_name, ~keep & finite & (dropped_here if own is not None else True), _DROP_COLOUR),
         ]
         if own is not None:
             groups.append(("dropped by another step", ~keep & finite & ~dropped_here, _OTHER_COLOUR))
@@ -485,18 +477,20 @@ def _duplicates(frame: pl.DataFrame, thumbs: _ThumbReader, pairs: int) -> str:
     return _section("duplicates", "Top duplicate pairs", "".join(parts))
 
 
-def _hardest_easiest(frame: pl.DataFrame, thumbs: _ThumbReader, per_class: int, max_classes: int, column: str | None) -> str:
+def _hardest_easiest(frame: pl.DataFrame, thumbs: _ThumbReader, per_class: int, max_classes: int, column: str | None,
+                     hardness: dict[str, int]) -> str:
     title = "Hardest and easiest per class"
     if column is None:
-        column = next((c for c in HARDNESS_COLUMNS if c in frame.columns and frame[c].is_not_nan().any()), None)
+        column = next((c for c in hardness if c in frame.columns and frame[c].is_not_nan().any()), None)
     if column is None:
-        why = f"no difficulty score in this run (one of {', '.join(HARDNESS_COLUMNS)})"
+        known = sorted({s.name for spec in registry().values() for s in spec.scores if s.hardness})
+        why = f"no difficulty score in this run (one of {', '.join(known)})"
         return _section("hardest-easiest", title, _absent(why))
     if thumbs.unavailable:
         return _section("hardest-easiest", title, _absent(thumbs.unavailable))
     if per_class == 0:  # also: polars' group_by().head(0) yields a null row per group, not nothing
         return _section("hardest-easiest", title, _absent("per_class = 0"))
-    sign = HARDNESS_COLUMNS.get(column, 1)
+    sign = hardness.get(column, 1)
     has_labels = "label" in frame.columns and frame["label"].null_count() < frame.height
     wanted = [c for c in ("uid", "location", "label", "keep", "reason", column) if c in frame.columns]
     scored = frame.select(wanted).filter(pl.col(column).is_not_null() & pl.col(column).is_finite())
@@ -694,17 +688,33 @@ def _score_columns(frame: pl.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith(SCORE_PREFIX)]
 
 
+def hardness_columns(steps: list[dict[str, Any]]) -> dict[str, int]:
+    """The score columns that rank examples by difficulty, with the sign that makes larger = harder: what the run's
+    steps (run.json's notes, in order) declare in the step registry."""
+    specs = registry()
+    out: dict[str, int] = {}
+    for note in steps:
+        spec = specs.get(str(note.get("scorer")))
+        for score in spec.scores if spec is not None else ():
+            if score.hardness and score.name not in out:
+                out[score.name] = score.hardness
+    return out
+
+
 def _step_reasons(steps: list[dict[str, Any]]) -> list[str]:
-    """The manifest reason each step's drops carry, from the step registry (the scorer name if unregistered)."""
-    try:
-        from pipeline.steps import STEPS
-    except Exception:  # the report must still render where optional scoring deps (faiss) are missing
-        STEPS = {}
-    return [STEPS[s["scorer"]].reason if s.get("scorer") in STEPS else str(s.get("scorer")) for s in steps]
+    """The manifest reason each step's drops carry, from the step registry: "" for a step that never drops (matches
+    no row), the scorer name if unregistered."""
+    specs = registry()
+    return [(specs[s["scorer"]].reason or "") if s.get("scorer") in specs else str(s.get("scorer")) for s in steps]
 
 
 def _step_for_column(col: str, steps: list[dict[str, Any]]) -> int | None:
-    """Index of the step that wrote score column `col` (score_<scorer> or score_<scorer>_<detail>)."""
+    """Index of the step that wrote score column `col`: the last step declaring it in the registry, else by name
+    (score_<scorer> or score_<scorer>_<detail>)."""
+    specs = registry()
+    declared = [i for i, s in enumerate(steps) if s.get("scorer") in specs and col in {c.name for c in specs[s["scorer"]].scores}]
+    if declared:
+        return declared[-1]
     best: tuple[int, int] | None = None
     for i, s in enumerate(steps):
         name = f"{SCORE_PREFIX}{s.get('scorer')}"

@@ -17,8 +17,8 @@ from pipeline.config import CurateConfig
 from pipeline.fanout import FanOut
 from pipeline.index import KMeansResult
 from pipeline.ok_rows import OkRows, uids_at
-from pipeline.steps import STEPS
 from pipeline.store import EmbeddingStore
+from scorers.step import registry
 
 
 @dataclass
@@ -125,7 +125,7 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], n
         "store": {"path": str(store.root), "fingerprint": store.fingerprint()},
         "counts": {**counts, **stats.counts},
         "steps": notes,
-        "orientation": {name: STEPS[name].orientation for name in {s.scorer for s in cfg.steps}},
+        "orientation": {name: registry()[name].orientation for name in {s.scorer for s in cfg.steps}},
         "timings_s": {k: round(v, 3) for k, v in stats.timings.items()},
         "stage_spans": stats.spans,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

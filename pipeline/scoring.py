@@ -1,4 +1,4 @@
-"""The score stage: the configured steps run over the store's ok rows."""
+"""The score stage: the configured steps (scorers/step.py's registry) run in order over the store's ok rows."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,11 +7,15 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import CurateConfig
+from pipeline.evaluate import auto_rule
 from pipeline.fanout import FanOut
-from pipeline.index import KMeansResult
+from pipeline.faults import failpoint
+from pipeline.fill_store import worker_embedder
 from pipeline.ok_rows import OkRows
-from pipeline.steps import EvalSet, ScoringContext, run_steps
+from pipeline.text_embed import cached_text_embeddings
+from pipeline.index import KMeansResult, KnnParams, build_knn_index
 from pipeline.store import EmbeddingStore
+from scorers.step import EvalSet, ScoringContext, needing, registry, validate_steps
 
 
 def score(
@@ -24,10 +28,6 @@ def score(
     fan_out: FanOut | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Runs the configured steps over the ok rows; returns run_steps' per-row columns and one note per step."""
-    from pipeline.fill_store import worker_embedder
-    from pipeline.text_embed import cached_text_embeddings
-
-    needs_sha1 = any(s.scorer == "exact_dup" for s in cfg.steps)
     targets = targets or {}
 
     def meta(names: list[str]) -> dict[str, np.ndarray]:
@@ -39,11 +39,18 @@ def score(
         return cached_text_embeddings(store.root / "text", store.info().embedder, texts,
                                       lambda: worker_embedder(cfg, store.root), batch_size=batch_size)
 
+    steps = [(s.scorer, s.knobs()) for s in cfg.steps]
+
+    def ok_meta(column: str) -> np.ndarray | None:  # read only when a step needs it
+        if not needing(column if column != "caption" else "captions", steps):
+            return None
+        return store.all_meta(pl.col("status") == "ok", [column])[column].to_numpy().astype(object)
+
     ctx = ScoringContext(
         emb=emb,
         uids=rows.uid_rank,
         labels=rows.labels,
-        sha1=store.all_meta(pl.col("status") == "ok", ["sha1"])["sha1"].to_numpy().astype(object) if needs_sha1 else None,
+        sha1=ok_meta("sha1"),
         kmeans=kmeans,
         alive=np.ones(len(rows), dtype=bool),
         n_scorable=len(rows),
@@ -57,5 +64,74 @@ def score(
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
         cache_dir=store.root / "index" / f"auto-{store.fingerprint()}",
+        captions=ok_meta("caption"),
+        knn_index=lambda x, seed: build_knn_index(x, KnnParams(seed=seed)),  # exact below 200k rows, IVF above
     )
-    return run_steps(ctx, [(s.scorer, s.knobs()) for s in cfg.steps])
+    return run_steps(ctx, steps)
+
+
+def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Applies steps in order. Returns the manifest columns for scored rows and one note per step.
+
+    Columns: reason (None where kept), dup_of (row index or -1), weight (mean 1 over the kept rows, 0 elsewhere;
+    from the last reweighting step, else uniform) and every score column. Each step writes only the score columns
+    it declares, NaN only where it declares them nullable, and drops rows only when it has a reason.
+    """
+    validate_steps(steps)
+    if ctx.choose_rule is None:
+        ctx.choose_rule = auto_rule
+    specs = registry()
+    n = len(ctx.uids)
+    reason = np.full(n, None, dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    weights = np.ones(n, dtype=np.float64)
+    scores: dict[str, np.ndarray] = {}
+    text: dict[str, np.ndarray] = {}
+    notes: list[dict[str, Any]] = []
+    for name, knobs in steps:
+        spec = specs[name]
+        if "labels" in spec.needs and ctx.labels is None:
+            raise ValueError(f"{name} needs labels; the source has none (image_folder class subfolders, or a label column)")
+        failpoint("score_step")
+        out = spec.fn(ctx, **knobs)
+        declared = spec.score_columns(knobs)
+        for col, values in out.scores.items():
+            if col not in declared:
+                raise ValueError(f"step {name} wrote the undeclared score column {col}; declared: {sorted(declared)}")
+            if col in scores:
+                raise ValueError(f"two steps write the column {col}")
+            scores[col] = np.asarray(values, dtype=np.float32)
+            if not declared[col].nullable and np.isnan(scores[col]).any():
+                raise ValueError(f"step {name} wrote NaN into {col}, which it declares never null")
+        if out.weights is not None:
+            weights = np.asarray(out.weights, dtype=np.float64)
+        dropped = 0
+        if out.drop is not None:
+            drop = out.drop & ctx.alive
+            if drop.any() and spec.reason is None:
+                raise ValueError(f"step {name} dropped rows but declares no reason")
+            reason[drop] = spec.reason
+            if out.dup_of is not None:
+                dup_of[drop] = out.dup_of[drop]
+            for col, values in out.text.items():
+                # a later step's value never overwrites an earlier one's (only rows this step drops are written)
+                key = "dup_of_uid" if col == "dup_of" else col
+                column = text.setdefault(key, np.full(n, None, dtype=object))
+                column[drop] = np.asarray(values, dtype=object)[drop]
+            ctx.alive = ctx.alive & ~drop
+            dropped = int(drop.sum())
+        notes.append(
+            {"scorer": name, "knobs": knobs, "dropped": dropped, "alive_after": int(ctx.alive.sum()), "orientation": spec.orientation, **out.info}
+        )
+    return {"reason": reason, "dup_of": dup_of, "weight": mean_one_over(weights, ctx.alive), **scores, **text}, notes
+
+
+def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Weights scaled to mean 1 over the kept rows, 0 elsewhere (float32, the manifest's `weight`)."""
+    out = np.where(keep, weights, 0.0)
+    total = out.sum()
+    if keep.any():
+        if not np.isfinite(total) or total <= 0:
+            raise ValueError("the kept rows' weights sum to zero or are not finite")
+        out = out * (keep.sum() / total)
+    return out.astype(np.float32)

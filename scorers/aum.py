@@ -17,25 +17,16 @@ Two ways to get AUM here:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
+
+from scorers.el2n import Head, el2n_embedding_scores, margins
+from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, scatter, select_among_alive, step
 
 __all__ = ["aum_from_logits", "margins", "aum_embedding_scores"]
-
-
-def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row margin: ``logits[i, y_i] - max_{c != y_i} logits[i, c]`` (torch, any device).
-
-    ``logits`` is ``[n, classes]`` with ``classes >= 2``; ``labels`` holds ints in ``[0, classes)``.
-    """
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be [n, classes>=2], got shape {tuple(logits.shape)}")
-    assigned = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    # Mask the assigned class with -inf so the max runs over the other classes only.
-    other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
-    return assigned - other
 
 
 def aum_from_logits(logit_history: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -83,9 +74,37 @@ def aum_embedding_scores(emb: np.ndarray, labels: np.ndarray, **kwargs: Any) -> 
 
     Returns float32 ``[n]``. Orientation: **low = likely mislabeled / hard**.
     """
-    from scorers.el2n import el2n_embedding_scores  # late import: el2n imports this module
-
     kwargs.pop("return_aum", None)
     result = el2n_embedding_scores(emb, labels, return_aum=True, **kwargs)
     assert result.aum is not None
     return result.aum
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+
+@step("aum", reason="aum", needs=("labels",),
+      scores=(Score("score_aum", higher="more likely correctly labelled (low = likely mislabeled)", hardness=-1),),
+      orientation="score_aum: area under the margin; low = likely mislabeled; keeps the highest")
+def step_aum(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: Fraction | None = None,
+    head: Head = "linear",
+    n_seeds: Count = 5,
+    n_folds: Annotated[int, Field(ge=2)] = 5,
+    epochs: Count = 10,
+    seed: int | None = None,
+) -> StepOutput:
+    """AUM, area under the margin (Pleiss et al. 2020), out of fold on the embeddings of the rows still alive.
+
+    score_aum: mean over epochs of (assigned logit − largest other logit); LOW = likely mislabeled.
+    With keep_fraction, keeps the highest-AUM rows (drops the likeliest label errors), class-balanced.
+    """
+    rows = np.flatnonzero(ctx.alive)
+    aum = aum_embedding_scores(ctx.emb[rows], ctx.labels[rows], head=head, n_seeds=n_seeds, n_folds=n_folds, epochs=epochs,
+                               device=ctx.device, seed=ctx.seed if seed is None else seed)
+    out = StepOutput(scores={"score_aum": scatter(len(ctx.uids), rows, aum)})
+    if keep_fraction is not None:
+        out.drop, out.info = select_among_alive(ctx, out.scores["score_aum"], keep_fraction, rule="hard")
+    return out

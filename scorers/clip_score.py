@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_rows, drop_by_score, scatter, step
+
 __all__ = ["clip_scores", "label_agreement", "AgreementResult", "PROMPT"]
 
 PROMPT = "a photo of a {label}."
@@ -64,3 +66,57 @@ def label_agreement(image_emb: Any, class_text_emb: np.ndarray, codes: np.ndarra
         rank[start:start + len(sims)] = (sims > o[:, None]).sum(axis=1)
         pred[start:start + len(sims)] = sims.argmax(axis=1)
     return AgreementResult(rank=rank, own_score=own, predicted=pred, mismatch=rank >= top_k)
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+@step("clip_score", reason="clip_score", needs=("captions",), exactly_one=(("keep_fraction", "threshold", "quantile"),),
+      scores=(Score("score_clip", higher="caption and image agree more"),),
+      orientation="score_clip: cosine(image, caption) in the same CLIP model; higher = agree more")
+def step_clip_score(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: Fraction | None = None,
+    threshold: float | None = None,
+    quantile: Between(0, 1) | None = None,
+    batch_size: Count = 256,
+) -> StepOutput:
+    """CLIP score: cosine of each row's image embedding and its caption's text embedding from the same open_clip model
+    (clip_scores above). Keeps the top keep_fraction (DataComp's CLIP-score filter keeps 30%) or the rows at or
+    above threshold (LAION-400M used 0.28 with ViT-B/32) or above the quantile. Rows without a caption: NaN, kept.
+    """
+    captions = np.asarray(ctx.captions if ctx.captions is not None else [None] * len(ctx.alive), dtype=object)
+    has = np.array([c is not None and c != "" for c in captions], dtype=bool)
+    if not has.any():
+        raise ValueError("clip_score needs captions (webdataset .txt/.json, a table's caption_column); this source has none")
+    distinct, inverse = np.unique(captions[has].astype(str), return_inverse=True)
+    text = ctx.encode_text(list(distinct), batch_size=batch_size)
+    full = np.zeros((len(captions), text.shape[1]), dtype=np.float32)
+    full[has] = text[inverse]
+    score = clip_scores(ctx.emb, full, has_text=has)
+    drop, note = drop_by_score(ctx, score, keep="high", keep_fraction=keep_fraction, threshold=threshold, quantile=quantile)
+    return StepOutput(scores={"score_clip": score}, drop=drop,
+                      info={"captions": int(has.sum()), "distinct_captions": len(distinct), **note})
+
+
+@step("label_agreement", reason="label_mismatch", needs=("labels",),
+      scores=(Score("score_label_rank", higher="more classes score above the own label (0 = own label on top)"),),
+      orientation="score_label_rank: classes whose prompt scores above the own label's (0 = own label on top); dropped when ≥ top_k")
+def step_label_agreement(ctx: ScoringContext, *, top_k: Count = 1, prompt: str = "a photo of a {label}.") -> StepOutput:
+    """Label–image agreement: zero-shot scores of `prompt` for every class with the run's CLIP text tower; drops rows
+    whose own label is not in the top_k (reason label_mismatch). score_label_rank = how many classes score above the own
+    label's prompt (0 = own label on top); `suggested_label` = the zero-shot class of dropped rows.
+    """
+    if "{label}" not in prompt:
+        raise ValueError(f"prompt must contain {{label}}, got {prompt!r}")
+    rows, emb = alive_rows(ctx)
+    labels = ctx.labels[rows]
+    classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    text = ctx.encode_text([prompt.format(label=c.replace("_", " ")) for c in classes])
+    result = label_agreement(emb, text, codes, top_k=top_k)
+    n = len(ctx.alive)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[result.mismatch]] = True
+    suggested = np.full(n, None, dtype=object)
+    suggested[rows[result.mismatch]] = classes[result.predicted[result.mismatch]]
+    return StepOutput(scores={"score_label_rank": scatter(n, rows, result.rank.astype(np.float32))}, drop=drop,
+                      text={"suggested_label": suggested}, info={"top_k": top_k, "prompt": prompt, "classes": len(classes)})

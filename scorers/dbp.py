@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 
 from scorers.prototypes import _check_emb, check_cluster_ids, distance_to_centroid, unit_centroids
-from scorers.semdedup import _check_keep, _primary_key, _uid_ranks
+from scorers.semdedup import Keep, _check_keep, _primary_key, _uid_ranks
+from scorers.step import Between, Count, Fraction, NonNegativeInt, Positive, Score, ScoringContext, StepOutput, budget_for, scatter, step
 
 __all__ = ["ClusterComplexity", "cluster_complexity", "dbp_quotas", "dbp_select"]
 
@@ -264,3 +265,57 @@ def dbp_select(
     rank = np.empty(n, dtype=np.int64)
     rank[visit] = np.arange(n, dtype=np.int64) - np.repeat(starts[:-1], sizes)
     return rank < q[ids]
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+
+@step("dbp", reason="dbp_quota", scores=(Score("score_dbp_cluster_complexity", higher="more complex concept, larger quota"),),
+      orientation="score_dbp_cluster_complexity: d_inter·d_intra of the row's cluster; higher = more complex concept, larger quota")
+def step_dbp(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: Fraction,
+    temperature: Positive = 0.1,
+    n_neighbors: Count = 20,
+    min_per_cluster: NonNegativeInt = 1,
+    class_balance_ratio: Between(0, 1) = 0.0,
+    keep: Keep = "hard",
+) -> StepOutput:
+    """Concept-complexity pruning (DBP, Abbas et al. ICLR 2024) on the rows still alive.
+
+    Complexity C_j = d_inter·d_intra per cluster, quotas from softmax(C/τ) with one shift λ and exact
+    rounding, then the quota farthest-from-centroid rows of each cluster are kept.
+    score_dbp_cluster_complexity = C of the row's cluster: higher = more complex concept = more kept.
+    """
+    centroids = ctx.kmeans.centroids
+    rows = np.flatnonzero(ctx.alive)
+    clusters, uids = ctx.kmeans.assignment[rows], ctx.uids[rows]
+    # Distances streamed once over all rows (a row's value does not depend on where it sits), then the alive rows':
+    # no gathered copy of the embeddings, one pass instead of two.
+    dist = distance_to_centroid(ctx.emb, ctx.kmeans.assignment, centroids)[rows]
+    complexity = cluster_complexity(None, clusters, centroids, n_neighbors=min(n_neighbors, len(centroids) - 1),
+                                    dist_to_centroid=dist)
+    budget = budget_for(ctx, keep_fraction)
+    quotas = dbp_quotas(
+        complexity.complexity,
+        complexity.sizes,
+        budget=budget,
+        temperature=temperature,
+        min_per_cluster=min_per_cluster,
+        class_balance_ratio=class_balance_ratio,
+    )
+    kept = dbp_select(None, clusters, centroids, quotas, keep=keep, uids=uids, seed=ctx.seed, dist_to_centroid=dist)
+    n = len(ctx.uids)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[~kept]] = True
+    table = [
+        {"cluster": j, "size": int(complexity.sizes[j]), "d_intra": float(complexity.d_intra[j]),
+         "d_inter": float(complexity.d_inter[j]), "complexity": float(complexity.complexity[j]), "quota": int(quotas[j])}
+        for j in range(len(quotas))
+    ]
+    return StepOutput(
+        scores={"score_dbp_cluster_complexity": scatter(n, rows, complexity.complexity[clusters])},
+        drop=drop,
+        info={"budget": budget, "temperature": temperature, "n_neighbors": n_neighbors, "quotas": table},
+    )

@@ -9,7 +9,7 @@ For a sample ``(x, y)`` and a network ``f`` early in training:
 
 Orientation: **higher = harder** (more error / more gradient), i.e. more worth keeping under a
 keep-hardest rule. Mislabeled samples also score high, which is why the selectors in
-:mod:`pipeline.select` offer CCS (cut the very hardest first) at low keep fractions.
+:mod:`scorers.select` offer CCS (cut the very hardest first) at low keep fractions.
 
 Two modes:
 
@@ -38,16 +38,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from pipeline.device import select_device
 import torch.nn.functional as F
 from torch import nn
 
-from scorers.aum import margins
+from scorers.device import select_device
+from scorers.select import RULES
+from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, budget_for, rule_knobs, scatter, select_among_alive, step
 
 __all__ = [
     "EL2NResult",
@@ -55,9 +57,11 @@ __all__ = [
     "el2n_model_scores",
     "per_example_grad_norms",
     "encode_labels",
+    "margins",
 ]
 
-HEADS = ("linear", "mlp")
+Head = Literal["linear", "mlp"]
+HEADS: tuple[str, ...] = get_args(Head)
 GRAND_PARAMS = ("all", "last")
 
 
@@ -78,6 +82,19 @@ class EL2NResult:
     info: dict[str, Any] = field(default_factory=dict)
     probs: np.ndarray | None = None  # float32 [n, classes] out-of-fold softmax after the last epoch (return_probs)
     classes: np.ndarray | None = None  # the label of each probs column (sorted unique labels)
+
+
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row margin: ``logits[i, y_i] - max_{c != y_i} logits[i, c]`` (torch, any device).
+
+    ``logits`` is ``[n, classes]`` with ``classes >= 2``; ``labels`` holds ints in ``[0, classes)``.
+    """
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be [n, classes>=2], got shape {tuple(logits.shape)}")
+    assigned = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    # Mask the assigned class with -inf so the max runs over the other classes only.
+    other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
+    return assigned - other
 
 
 def encode_labels(labels: np.ndarray | Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -665,3 +682,59 @@ def el2n_model_scores(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return EL2NResult(el2n=el2n_out, grand=grand_out, aum=aum_out, info=info)
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+StepRule = Literal[("auto", *RULES)]  # auto: chosen by evidence (ctx.choose_rule), or any rule of scorers/select.py
+
+
+@step("el2n", reason="el2n", needs=("labels",),
+      scores=(Score("score_el2n", higher="harder", hardness=1), Score("score_grand", higher="harder", hardness=1),
+              Score("score_aum", higher="more likely correctly labelled (low = likely mislabeled)", hardness=-1)),
+      orientation="score_el2n, score_grand: higher = harder (out-of-fold proxy heads); score_aum: low = likely mislabeled")
+def step_el2n(
+    ctx: ScoringContext,
+    *,
+    keep_fraction: Fraction | None = None,
+    rule: StepRule = "auto",
+    head: Head = "linear",
+    n_seeds: Count = 5,
+    n_folds: Annotated[int, Field(ge=2)] = 5,
+    epochs: Count = 10,
+    score_epoch: Count = 2,
+    with_aum: bool = False,
+    seed: int | None = None,
+) -> StepOutput:
+    """EL2N and GraNd (Paul et al. 2021) from out-of-fold proxy heads on the embeddings of the rows still alive.
+
+    score_el2n, score_grand: higher = harder (kept first by rule hard). For the linear head GraNd is exactly
+    EL2N·√(‖h‖²+1), so on unit embeddings it ranks like EL2N. With with_aum, score_aum from the same training
+    (low = likely mislabeled) and CCS cuts by it, as Zheng et al. do. With keep_fraction, `rule` selects:
+    auto (default) picks among hard / easy / ccs / moderate / random by held-out probe accuracy on these scores
+    (ctx.choose_rule: the pipeline's pipeline/evaluate.py auto_rule; evidence in run.json, cached per store);
+    heuristic = hard at ≥ 70% kept, CCS below; or any rule of scorers/select.py.
+    """
+    rows = np.flatnonzero(ctx.alive)
+    result = el2n_embedding_scores(
+        ctx.emb[rows], ctx.labels[rows], head=head, n_seeds=n_seeds, n_folds=n_folds, epochs=epochs, score_epoch=score_epoch,
+        return_aum=with_aum, device=ctx.device, seed=ctx.seed if seed is None else seed,
+    )
+    n = len(ctx.uids)
+    out = StepOutput(
+        scores={"score_el2n": scatter(n, rows, result.el2n), "score_grand": scatter(n, rows, result.grand)},
+        info={"proxy": result.info},
+    )
+    cut = None
+    if result.aum is not None:
+        out.scores["score_aum"] = scatter(n, rows, result.aum)
+        cut = -out.scores["score_aum"]
+    if keep_fraction is not None:
+        if rule == "auto":
+            if ctx.choose_rule is None:
+                raise ValueError("el2n rule: auto chooses by evidence but this run has no rule chooser; give another rule")
+            out.info["auto_evidence"] = ctx.choose_rule(ctx, out.scores["score_el2n"], budget_for(ctx, keep_fraction))
+            rule = out.info["auto_evidence"]["rule"]
+        out.drop, note = select_among_alive(ctx, out.scores["score_el2n"], keep_fraction, rule=rule, **rule_knobs(ctx, rule, cut))
+        out.info.update(note)
+    return out

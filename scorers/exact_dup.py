@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from scorers.step import ScoringContext, StepOutput, step
+
 
 def exact_duplicates(hashes: np.ndarray, uids: np.ndarray) -> np.ndarray:
     """For each row, the row index of the copy it duplicates, or -1.
@@ -25,3 +27,10 @@ def exact_duplicates(hashes: np.ndarray, uids: np.ndarray) -> np.ndarray:
         if first != row:
             dup_of[row] = first
     return dup_of
+
+
+@step("exact_dup", reason="exact_dup", needs=("sha1",), orientation="drops byte-identical copies; keeps the smallest uid")
+def step_exact_dup(ctx: ScoringContext) -> StepOutput:
+    dup_of = exact_duplicates(ctx.sha1, ctx.uids)
+    drop = (dup_of >= 0) & ctx.alive
+    return StepOutput(drop=drop, dup_of=np.where(drop, dup_of, -1), info={"duplicates": int(drop.sum())})

@@ -14,9 +14,11 @@ highest); an NSFW probability higher = more unsafe (the step's ``keep: low`` kee
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from scorers.step import Between, Fraction, NonNegativeInt, Score, ScoringContext, StepOutput, drop_by_score, step
 
 __all__ = ["layers_from_state_dict", "head_scores", "ACTIVATIONS", "OUTPUTS"]
 
@@ -99,4 +101,54 @@ def head_scores(
             x = np.exp(x - x.max(axis=1, keepdims=True))
             x = x / x.sum(axis=1, keepdims=True)
         out[start:start + len(x)] = x[:, column]
+    return out
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+@step("head", reason="head", scores=(Score("score_{name}", higher="as the head says (keep: high or low decides)"),),
+      orientation="score_<name>: the head's output on the embedding; keep: high or low decides")
+def step_head(
+    ctx: ScoringContext,
+    *,
+    path: str,
+    name: str,
+    activation: Literal["none", "relu", "gelu"] = "none",
+    output: Literal["raw", "sigmoid", "softmax"] = "raw",
+    column: NonNegativeInt = 0,
+    expected_embedder: str | None = None,
+    keep: Literal["high", "low"] = "high",
+    keep_fraction: Fraction | None = None,
+    threshold: float | None = None,
+    quantile: Between(0, 1) | None = None,
+) -> StepOutput:
+    """A linear/MLP head on the embeddings from a safetensors file (head_scores above), e.g. the LAION aesthetic predictor.
+
+    The head's expected embedder (`expected_embedder`, else the file's metadata key `embedder`, as "model/pretrained")
+    must match the store's; score_<name>; keep high (aesthetic) or low (an NSFW probability) by keep_fraction,
+    threshold or quantile (or none of them: score only).
+    """
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    if not name.isidentifier():
+        raise ValueError(f"head name must be a plain identifier (it names the column score_{name}), got {name!r}")
+    with safe_open(path, framework="numpy") as fh:
+        file_meta = fh.metadata() or {}
+    expected = expected_embedder or file_meta.get("embedder")
+    actual = ctx.embedder_name()
+    if expected is None:
+        raise ValueError(f"head {name}: say which embedder it was trained on (expected_embedder: model/pretrained, or "
+                         f"'embedder' in the safetensors metadata); this store's is {actual}")
+    if expected != actual:
+        raise ValueError(f"head {name} expects embeddings of {expected}, this store holds {actual}")
+    layers = layers_from_state_dict(load_file(path))
+    score = head_scores(ctx.emb, layers, activation=activation, output=output, column=column)
+    given = [v for v in (keep_fraction, threshold, quantile) if v is not None]
+    if len(given) > 1:
+        raise ValueError("head takes at most one of keep_fraction, threshold, quantile")
+    out = StepOutput(scores={f"score_{name}": score}, info={"head": path, "embedder": expected,
+                                                            "layers": [list(w.shape) for w, _ in layers]})
+    if given:
+        out.drop, note = drop_by_score(ctx, score, keep=keep, keep_fraction=keep_fraction, threshold=threshold, quantile=quantile)
+        out.info.update(note)
     return out

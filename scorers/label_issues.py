@@ -13,9 +13,13 @@ Orientation: ``label_quality`` (cleanlab's self-confidence by default, the out-o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+
+from pydantic import Field
+
+from scorers.step import Count, Score, ScoringContext, StepOutput, alive_rows, scatter, step
 
 __all__ = ["LabelIssueResult", "label_issues_from_probs", "label_issues_from_embeddings"]
 
@@ -91,3 +95,33 @@ def label_issues_from_embeddings(
     result = label_issues_from_probs(codes, fit.probs, filter_by=filter_by, classes=classes)
     result.info.update(proxy={k: fit.info[k] for k in ("head", "n_seeds", "n_folds", "epochs", "lr", "seconds")})
     return result
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+@step("label_issues", reason="label_issue", needs=("labels",),
+      scores=(Score("score_label_quality", higher="label more likely right"),),
+      orientation="score_label_quality: cleanlab self-confidence (out of fold); low = label likely wrong")
+def step_label_issues(
+    ctx: ScoringContext,
+    *,
+    filter_by: str = "prune_by_noise_rate",
+    head: Literal["linear", "mlp"] = "linear",
+    n_seeds: Count = 3,
+    n_folds: Annotated[int, Field(ge=2)] = 5,
+    epochs: Count = 10,
+    seed: int | None = None,
+) -> StepOutput:
+    """Label issues by confident learning (cleanlab.filter.find_label_issues) on out-of-fold probabilities of the
+    EL2N/AUM proxy heads (label_issues_from_embeddings above). Drops flagged rows (reason label_issue); `suggested_label`
+    is the heads' class for them. score_label_quality: cleanlab self-confidence, higher = label more likely right.
+    """
+    rows, emb = alive_rows(ctx)
+    result = label_issues_from_embeddings(emb, ctx.labels[rows], head=head, n_seeds=n_seeds, n_folds=n_folds, epochs=epochs,
+                                          filter_by=filter_by, device=ctx.device, seed=ctx.seed if seed is None else seed)
+    n = len(ctx.alive)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[result.is_issue]] = True
+    suggested = np.full(n, None, dtype=object)
+    suggested[rows[result.is_issue]] = result.suggested_label[result.is_issue]
+    return StepOutput(scores={"score_label_quality": scatter(n, rows, result.label_quality)}, drop=drop,
+                      text={"suggested_label": suggested}, info=result.info)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from scorers.step import NonNegative, Score, ScoringContext, SourceMapping, StepOutput, alive_rows, scatter, step, target_key
+
 __all__ = ["LeakResult", "find_leaks"]
 
 _QUERY_ROWS = 16_384
@@ -103,3 +105,31 @@ def find_leaks(
         t = np.asarray(train_emb[rows[order]], dtype=np.float32)
         similarity[rows[order]] = np.einsum("ij,ij->i", t, e)
     return LeakResult(match, similarity, exact)
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+@step("leak", reason="leak", scores=(Score("score_leak", higher="closer to an evaluation row"),),
+      orientation="score_leak: best cosine similarity to an eval row within eps; dup_of = that eval row's uid")
+def step_leak(ctx: ScoringContext, *, eval_sources: list[SourceMapping], eps: NonNegative = 0.02) -> StepOutput:
+    """Decontamination: drops every row within eps (cosine distance) of a row of any eval source, exact byte-hash copies
+    first, then a FAISS range search (find_leaks above); dup_of = the eval row's uid. score_leak = best similarity to an
+    eval row within eps (NaN elsewhere). run.json: leaked rows per eval source.
+    """
+    sets = [ctx.eval_sets[target_key(spec)] for spec in eval_sources]
+    eval_emb = np.concatenate([s.emb for s in sets]) if sets else np.zeros((0, ctx.emb.shape[1]), np.float32)
+    eval_uids = np.concatenate([s.uids for s in sets]).astype(object)
+    eval_sha1 = np.concatenate([s.sha1 for s in sets]).astype(object)
+    owner = np.concatenate([np.full(len(s.uids), i) for i, s in enumerate(sets)])
+    rows, emb = alive_rows(ctx)
+    sha1 = np.asarray(ctx.meta_columns(["sha1"])["sha1"], dtype=object)[rows]
+    result = find_leaks(emb, eval_emb, eps=eps, train_hashes=sha1, eval_hashes=eval_sha1)
+    n = len(ctx.alive)
+    leaked = result.match >= 0
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[leaked]] = True
+    dup = np.full(n, None, dtype=object)
+    dup[rows[leaked]] = eval_uids[result.match[leaked]]
+    per_source = {f"{i}:{sets[i].name}": int((owner[result.match[leaked]] == i).sum()) for i in range(len(sets))}
+    return StepOutput(scores={"score_leak": scatter(n, rows, result.similarity)}, drop=drop, text={"dup_of": dup},
+                      info={"eps": eps, "leaked_by_eval_source": per_source, "exact_hash_matches": int(result.exact.sum()),
+                            "eval_rows": int(len(eval_emb))})

@@ -30,9 +30,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
+
+from scorers.step import (
+    Count, Fraction, NonNegative, Score, ScoringContext, SourceMapping, StepOutput, require_labels, scatter, select_among_alive, step,
+    target_key,
+)
 
 __all__ = [
     "Whitening",
@@ -579,3 +585,63 @@ def gradient_features(emb: np.ndarray, head: ProxyHead, labels: np.ndarray | Non
         g = (p[:, :, None] * z1[:, None, :]).reshape(p.shape[0], -1)  # [rows, C(d+1)]
         out[s:s + rows] = g @ proj
     return out
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+
+@step("ot_target", reason="ot", needs=("targets",), exactly_one=(("keep_fraction", "estimate_ratio"),),
+      scores=(Score("score_ot", higher="closer to the target domain"),),
+      orientation="score_ot: minus the c-transform of the target's OT potential; higher = closer to the target domain")
+def step_ot_target(
+    ctx: ScoringContext,
+    *,
+    target: SourceMapping,
+    keep_fraction: Fraction | None = None,
+    estimate_ratio: bool = False,
+    eps: NonNegative = 0.05,
+    whiten: bool = True,
+    features: Literal["embedding", "gradient"] = "embedding",
+    grad_dim: Count = 256,
+    k_folds: Annotated[int, Field(ge=2)] = 5,
+) -> StepOutput:
+    """Targeted selection by optimal transport (TAROT, vita-epfl; per-sample values as in LAVA / GOT-D).
+
+    Whitened features; entropic OT between a pool sample and the embedded `target` set (POT) gives the target
+    potential g; every alive row's score is minus its c-transform (streamed in chunks, never N×|T|), so
+    score_ot: higher = closer to the target domain. Keeps the top `keep_fraction` of all rows, or with
+    `estimate_ratio` TAROT's OT-distance minimisation (k_folds over the target, per-target neighbourhoods grown until
+    the OT distance to the other folds stops falling) estimates the ratio, and the top ratio·N rows by score_ot are
+    kept (ratio, OTM union size and the distance curve go to run.json).
+    `features`: "embedding" (default) or "gradient" — projected per-sample gradients (`grad_dim`, seeded Rademacher
+    JL) of a proxy linear softmax head trained on the alive rows' embeddings and labels (needs labels); target rows
+    carry no labels, so their gradients use the head's predicted label.
+    """
+    target_emb = ctx.targets.get(target_key(target))
+    if target_emb is None:
+        raise ValueError(f"target {target} was not embedded before scoring")
+    rows = np.flatnonzero(ctx.alive)
+    pool_x, target_x = ctx.emb[rows], target_emb
+    info: dict[str, Any] = {"eps": eps, "whiten": whiten, "target_rows": len(target_emb), "features": features}
+    if features == "gradient":
+        labels = require_labels(ctx, "ot_target with features: gradient")
+        head = fit_proxy_head(pool_x, labels[rows], seed=ctx.seed)
+        pool_x = gradient_features(pool_x, head, labels[rows], grad_dim=grad_dim, seed=ctx.seed)
+        target_x = gradient_features(target_emb, head, None, grad_dim=grad_dim, seed=ctx.seed)
+        info.update(grad_dim=grad_dim, proxy_head=head.info, target_labels="predicted by the proxy head")
+    # Gradient rows are scaled to unit norm after whitening (TAROT): their length mostly says how confidently the head
+    # fits a row, so without it every well-fitted row of any domain sits next to the target.
+    result = ot_scores(pool_x, target_x, eps=eps, whiten=whiten, seed=ctx.seed, device=ctx.device,
+                       normalize=features == "gradient")
+    n = len(ctx.uids)
+    scores = scatter(n, rows, result.score)
+    info.update(result.info)
+    if estimate_ratio:
+        estimate = estimate_selection_ratio(pool_x, target_x, k_folds=k_folds, whiten=whiten, seed=ctx.seed,
+                                            device=ctx.device)
+        info.update(estimated_ratio=estimate.ratio, otm_selected=estimate.k, otm=estimate.info,
+                    ratio_curve={"neighbours_per_target": estimate.k_grid, "mean_selected_fraction": estimate.ratios,
+                                 "mean_ot_distance": estimate.distance})
+        keep_fraction = max(1, int(np.ceil(estimate.ratio * len(rows)))) / ctx.n_scorable
+    drop, note = select_among_alive(ctx, scores, keep_fraction, rule="hard", class_balanced=False)
+    return StepOutput(scores={"score_ot": scores}, drop=drop, info={**info, **note})

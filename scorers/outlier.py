@@ -15,9 +15,11 @@ Orientation: **higher = more outlying** (less worth keeping) for both scores; a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_rows, drop_by_score, scatter, step
 
 __all__ = ["OutlierResult", "knn_search", "outlier_scores"]
 
@@ -100,3 +102,32 @@ def outlier_scores(emb: Any, *, k: int = 10, index: Any = None) -> OutlierResult
     ratio = np.where(denom > 1e-12, mean_d / np.maximum(denom, 1e-12), np.where(mean_d > 1e-12, np.inf, 1.0))
     return OutlierResult(kth_distance=kth.astype(np.float32), density_ratio=ratio.astype(np.float32), neighbors=ids,
                          distances=dist)
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+@step("outlier", reason="outlier", exactly_one=(("keep_fraction", "quantile", "max_score"),),
+      scores=(Score("score_outlier", higher="more outlying"), Score("score_outlier_density", higher="more outlying")),
+      orientation="score_outlier: k-th NN cosine distance, score_outlier_density: local density ratio; higher = more outlying")
+def step_outlier(
+    ctx: ScoringContext,
+    *,
+    k: Count = 10,
+    score: Literal["kth_distance", "density_ratio"] = "kth_distance",
+    keep_fraction: Fraction | None = None,
+    quantile: Between(0, 1) | None = None,
+    max_score: float | None = None,
+) -> StepOutput:
+    """Outliers by the distance to the k-th nearest neighbour and a local density ratio (outlier_scores above), among the
+    rows still alive. `score` (kth_distance or density_ratio) decides; exactly one of keep_fraction (of all rows),
+    quantile (drop the top q) or max_score. score_outlier = k-th NN cosine distance, score_outlier_density = the ratio;
+    higher = more outlying. The kNN index is the run's (ctx.knn_index: exact below 200k rows, IVF above).
+    """
+    rows, emb = alive_rows(ctx)
+    index, index_info = ctx.knn_index(emb, ctx.seed) if ctx.knn_index is not None else (None, {"kind": "exact (scorer)"})
+    result = outlier_scores(emb, k=k, index=index)
+    n = len(ctx.alive)
+    kth, ratio = scatter(n, rows, result.kth_distance), scatter(n, rows, result.density_ratio)
+    chosen = kth if score == "kth_distance" else ratio
+    drop, note = drop_by_score(ctx, chosen, keep="low", keep_fraction=keep_fraction, threshold=max_score, quantile=quantile)
+    return StepOutput(scores={"score_outlier": kth, "score_outlier_density": ratio}, drop=drop,
+                      info={"k": k, "score": score, "index": index_info, **note})

@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.device import select_device
+from scorers.device import select_device
+from scorers.step import Fraction, Score, ScoringContext, StepOutput, select_among_alive, step
 
 __all__ = [
     "distance_to_centroid",
@@ -186,3 +187,21 @@ def prototype_scores(
     _, sim = nearest_centroid(emb, centroids, batch_size=batch_size, device=device)
     dist = (1.0 - sim).astype(np.float32)
     return dist if keep == "hard" else -dist
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+
+@step("prototype", reason="prototype", scores=(Score("score_prototype", higher="harder", hardness=1, nullable=False),),
+      orientation="score_prototype: cosine distance to the nearest centroid; higher = harder (kept first with keep: hard)")
+def step_prototype(ctx: ScoringContext, *, keep: Literal["hard", "easy"] = "hard", keep_fraction: Fraction | None = None) -> StepOutput:
+    """Prototype score (Sorscher et al. 2022): cosine distance to the nearest k-means centroid.
+
+    score_prototype is the distance itself (higher = farther from its prototype = harder). With keep_fraction,
+    keeps the farthest (keep: hard) or nearest (keep: easy) rows, class-balanced when labels exist.
+    """
+    distance = prototype_scores(ctx.emb, ctx.kmeans.centroids, keep="hard", device=ctx.device)
+    out = StepOutput(scores={"score_prototype": distance})
+    if keep_fraction is not None:
+        out.drop, out.info = select_among_alive(ctx, distance, keep_fraction, rule=keep)
+    return out

@@ -25,9 +25,11 @@ better; for the dark/bright fractions lower = better.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+
+from scorers.step import Describe, Score, ScoringContext, StepOutput, step
 
 __all__ = ["STAT_COLUMNS", "CHECKS", "image_stats", "QualityResult", "quality_issues"]
 
@@ -157,3 +159,52 @@ def quality_issues(
         for i in np.flatnonzero(mask):
             issue[i] = check if issue[i] is None else f"{issue[i]},{check}"
     return QualityResult(issue=issue, failed=failed, thresholds=thresholds)
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+# A check's threshold: a number, {quantile: q} of the rows still alive, or null (check off).
+Threshold = Annotated[float | dict[str, float] | None, Describe("a number, {quantile: q} or null (check off)")]
+
+
+@step("quality", reason="low_quality",
+      scores=tuple(Score(f"score_quality_{name}", higher=f"more {name}") for name in ("blur", "brightness", "contrast", "entropy")),
+      orientation="score_quality_*: statistics measured while decoding (blur: contrast-normalised Laplacian variance, higher = "
+                  "sharper); rows failing a check are dropped, quality_issue names the checks")
+def step_quality(
+    ctx: ScoringContext,
+    *,
+    min_side: Threshold = 32,
+    max_aspect: Threshold = 4.0,
+    min_blur: Threshold = 0.15,
+    max_dark_fraction: Threshold = 0.9,
+    max_bright_fraction: Threshold = 0.9,
+    min_contrast: Threshold = 0.03,
+    min_entropy: Threshold = 3.0,
+    min_colourfulness: Threshold = None,
+    min_bytes_per_pixel: Threshold = None,
+) -> StepOutput:
+    """Image-quality checks on the statistics measured while decoding for embedding (quality_issues above).
+
+    Drops rows failing any check (reason low_quality) and names the failed checks in `quality_issue`. Each threshold is
+    a number, {quantile: q} of the rows still alive, or null (check off). Scores: score_quality_blur, _brightness,
+    _contrast, _entropy (measurements; higher blur/contrast/entropy = better).
+    """
+    meta = ctx.meta_columns(["width", "height", *STAT_COLUMNS])
+    if all(np.isnan(np.asarray(meta[c], dtype=np.float64)).all() for c in STAT_COLUMNS):
+        raise ValueError("quality needs the statistics measured while decoding; this store has none (precomputed "
+                         "embeddings, or a store embedded before quality statistics existed: re-embed it)")
+    rows = np.flatnonzero(ctx.alive)
+    stats = {c: np.asarray(meta[c], dtype=np.float64)[rows] for c in ("width", "height", *STAT_COLUMNS)}
+    result = quality_issues(stats, min_side=min_side, max_aspect=max_aspect, min_blur=min_blur,
+                            max_dark_fraction=max_dark_fraction, max_bright_fraction=max_bright_fraction,
+                            min_contrast=min_contrast, min_entropy=min_entropy, min_colourfulness=min_colourfulness,
+                            min_bytes_per_pixel=min_bytes_per_pixel)
+    n = len(ctx.alive)
+    issue = np.full(n, None, dtype=object)
+    issue[rows] = result.issue
+    drop = np.zeros(n, dtype=bool)
+    drop[rows] = np.array([i is not None for i in result.issue], dtype=bool)
+    scores = {f"score_quality_{name}": np.asarray(meta[f"q_{name}"], dtype=np.float32)
+              for name in ("blur", "brightness", "contrast", "entropy")}
+    return StepOutput(scores=scores, drop=drop, text={"quality_issue": issue},
+                      info={"thresholds": result.thresholds, "failed_by_check": {c: int(m.sum()) for c, m in result.failed.items()}})

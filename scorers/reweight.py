@@ -3,7 +3,7 @@
 Method ("The Power of Few: Accelerating and Enhancing Data Reweighting with Coreset Selection", Jafari et al.,
 ICASSP 2024; reference code Mohammadjafari80/CW-ERM):
 
-1. pick a small per-class coreset (winnow: ``pipeline.select.select(None, rule="moderate", labels=...,
+1. pick a small per-class coreset (winnow: ``scorers.select.select(None, rule="moderate", labels=...,
    embeddings=...)``, the Moderate selector the paper uses);
 2. learn a weight for every coreset sample with Meta-Weight-Net (Shu et al., NeurIPS 2019): an MLP
    ``loss -> weight`` (1 -> hidden -> 1, sigmoid) trained by one-step look-ahead: a *virtual* SGD step of a
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.device import select_device
-from pipeline.select import class_median_distance, proportional_budgets, select
+from scorers.device import select_device
+from scorers.select import class_median_distance, proportional_budgets, select
+from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, step
 
 __all__ = [
     "MWNResult",
@@ -222,7 +223,7 @@ def meta_weight_net_weights(
         coreset_idx: indices of the coreset rows (unique).
         meta_fraction: share of each class held out as the meta set, in (0, 1).
         meta_split: ``"typical"`` (default): per class, the coreset rows nearest the class's median embedding
-            (Moderate's score, ``pipeline.select.class_median_distance``) form the meta split; ``"random"``: a
+            (Moderate's score, ``scorers.select.class_median_distance``) form the meta split; ``"random"``: a
             uniform stratified draw. Why: MW-Net needs a (mostly) clean meta set; with a noisy one, cross-entropy
             on the meta set rewards *less* confident models, and the weight net learns to up-weight high-loss
             (mislabeled) samples as a form of label smoothing (seen here with 30 % flipped labels and a random
@@ -234,7 +235,7 @@ def meta_weight_net_weights(
         meta_lr: Adam learning rate of the weight net.
         model: proxy classifier in model mode (copied, not modified); default a linear head ``d -> n_classes``.
         seed: split, initialisation and batch order.
-        device: "cpu", "cuda", "cuda:N" or "auto" (``pipeline.device.select_device``).
+        device: "cpu", "cuda", "cuda:N" or "auto" (``scorers.device.select_device``).
 
     Returns:
         :class:`MWNResult` with one weight per coreset row, in ``coreset_idx`` order.
@@ -684,7 +685,7 @@ def coreset_reweight(
 ) -> CoresetReweightResult:
     """"The Power of Few" end to end (Jafari et al. 2024): Moderate coreset -> Meta-Weight-Net -> propagation.
 
-    1. ``pipeline.select.select(None, rule="moderate", keep_fraction=coreset_fraction, labels=labels,
+    1. ``scorers.select.select(None, rule="moderate", keep_fraction=coreset_fraction, labels=labels,
        embeddings=<L2-normalised emb>)`` (per class, among the ``keep`` rows when given);
     2. :func:`meta_weight_net_weights` on the coreset rows, standardised per dimension (mean 0, std 1 over the
        coreset) so a linear proxy head trains at a usual learning rate; ``mwn_knobs`` go to it;
@@ -728,3 +729,24 @@ def coreset_reweight(
                     "propagate": round(time.perf_counter() - t2, 3)},
     }
     return CoresetReweightResult(weights=weights, coreset_idx=core, coreset_weights=mwn.weights, info=info)
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+
+@step("coreset_weight", reason=None, needs=("labels",),
+      scores=(Score("score_coreset_weight", higher="counts more in training"),),
+      orientation="score_coreset_weight: propagated Meta-Weight-Net weight, mean 1 over kept rows; higher = counts more")
+def step_coreset_weight(
+    ctx: ScoringContext, *, coreset_fraction: Fraction = 0.05, k: Count = 1, same_class: bool = False, seed: int | None = None
+) -> StepOutput:
+    """Coreset reweighting, "The Power of Few" (Jafari et al. ICASSP 2024), over the rows still alive.
+
+    Per-class Moderate coreset → Meta-Weight-Net on it (with a held-out meta split) → every row takes the weight
+    of its nearest coreset row (k > 1: distance-weighted average). Drops nothing; fills the manifest's `weight`
+    (mean 1 over kept rows; train with Σwℓ/Σw or the weighted sampler). score_coreset_weight: higher = counts more.
+    """
+    result = coreset_reweight(ctx.emb, ctx.labels, coreset_fraction=coreset_fraction, keep=ctx.alive.copy(), k=k,
+                              same_class=same_class, seed=ctx.seed if seed is None else seed, device=ctx.device)
+    score = np.where(ctx.alive, result.weights, np.nan).astype(np.float32)
+    return StepOutput(scores={"score_coreset_weight": score}, weights=result.weights, info=result.info)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from pipeline.device import select_device
+from scorers.device import select_device
+from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_view, scatter, step
 
 from scorers.prototypes import (
     _check_emb,
@@ -451,3 +452,95 @@ def split_giant_clusters(
         new_cent.append(sub_cent[1:].astype(np.float32))
         next_id += n_sub - 1
     return new_ids, np.concatenate(new_cent, axis=0)
+
+
+# ---- the curate step --------------------------------------------------------------------------------------------------
+
+Eps = Between(0, 2)  # a cosine-distance threshold: 1 - similarity lies in [0, 2]
+
+
+@step("semdedup", reason="semdedup", exactly_one=(("eps", "target_keep_fraction"),),
+      scores=(Score("score_semdedup", higher="more redundant"),),
+      orientation="score_semdedup: max cosine similarity to a higher-ranked row of the same cluster; higher = more redundant")
+def step_semdedup(
+    ctx: ScoringContext,
+    *,
+    eps: Eps | None = None,
+    target_keep_fraction: Fraction | None = None,
+    eps_grid: list[Eps] | None = None,
+    keep: Keep = "hard",
+    batch_size: Count = 4096,
+) -> StepOutput:
+    """SemDeDup inside each concept cluster on the rows still alive.
+
+    One pass computes every row's max similarity to a higher-ranked row of its cluster; `eps` (or the eps
+    that reaches `target_keep_fraction` of the rows entering this step, solved exactly) decides, and the kept
+    count for every eps of `eps_grid` goes to run.json. score_semdedup = that max similarity (NaN for the
+    first-ranked row of a cluster): higher = more redundant.
+    """
+    rows, emb, clusters, uids = alive_view(ctx)
+    grid = sorted({float(e) for e in (eps_grid or [])} | ({float(eps)} if eps is not None else set()))
+    # dup_of is resolved up to the largest eps passed; when eps is solved for afterwards, pass the widest (2.0).
+    widest = [2.0] if eps is None else []
+    result = _semdedup_fanned_out(ctx, emb, clusters, uids, eps=grid + widest, keep=keep, batch_size=batch_size)
+    if eps is None:
+        eps = eps_for_keep_fraction(result.max_sim, target_keep_fraction)
+    is_dup = duplicate_mask(result.max_sim, eps)
+    dup_local = result.dup_of_at(eps)
+    n = len(ctx.uids)
+    drop = np.zeros(n, dtype=bool)
+    drop[rows[is_dup]] = True
+    dup_of = np.full(n, -1, dtype=np.int64)
+    dup_of[rows[is_dup]] = rows[dup_local[is_dup]]
+    max_sim = np.where(np.isfinite(result.max_sim), result.max_sim, np.nan)
+    curve = {f"{e:g}": int((~duplicate_mask(result.max_sim, e)).sum()) for e in grid}
+    return StepOutput(
+        scores={"score_semdedup": scatter(n, rows, max_sim)},
+        drop=drop,
+        dup_of=dup_of,
+        info={"eps": float(eps), "keep": keep, "entering": len(rows), "kept_by_eps": curve},
+    )
+
+
+def _semdedup_fanned_out(ctx: ScoringContext, emb: Any, clusters: np.ndarray, uids: np.ndarray, **knobs: Any) -> Any:
+    """SemDeDup over batches of whole clusters, as tasks on the run's task runner when there is one.
+
+    A row's result depends only on its own cluster (ranked in uid order, ties by uid), so running batches of
+    clusters separately and scattering back gives exactly the one-call result. keep: random ranks by a
+    permutation of the uid order of all rows, so it runs as one call.
+    """
+    common = {"centroids": ctx.kmeans.centroids, "device": ctx.device, "seed": ctx.seed, **knobs}
+    batches = cluster_batches(clusters, ctx.cluster_batches) if ctx.fan_out is not None and knobs["keep"] != "random" else []
+    if len(batches) < 2:
+        return semdedup(emb, clusters, uids=uids, **common)
+    gather = emb.subset if hasattr(emb, "subset") else emb.__getitem__  # a lazy store view travels as paths
+    parts = ctx.fan_out(semdedup, [{"emb": gather(rows), "cluster_ids": clusters[rows], "uids": uids[rows], **common} for rows in batches])
+    n = len(clusters)
+    out = SemDedupResult(max_sim=np.empty(n, np.float32), dup_of=np.empty(n, np.int64), rank=np.empty(n, np.int64),
+                         dist_to_centroid=np.empty(n, np.float32), duplicate={e: np.empty(n, bool) for e in parts[0].duplicate})
+    for rows, part in zip(batches, parts):
+        out.max_sim[rows] = part.max_sim
+        out.dup_of[rows] = np.where(part.dup_of >= 0, rows[np.maximum(part.dup_of, 0)], -1)
+        out.rank[rows] = part.rank
+        out.dist_to_centroid[rows] = part.dist_to_centroid
+        for e, mask in part.duplicate.items():
+            out.duplicate[e][rows] = mask
+    return out
+
+
+def cluster_batches(clusters: np.ndarray, n_batches: int) -> list[np.ndarray]:
+    """Row indices cut into at most n_batches groups of whole clusters with about equal pairwise work (Σ size²).
+
+    Greedy: largest cluster first, into the lightest batch. Rows inside a batch are in ascending order.
+    """
+    sizes = np.bincount(clusters)
+    present = np.flatnonzero(sizes)
+    n_batches = max(1, min(n_batches, len(present)))
+    load = np.zeros(n_batches)
+    batch_of = np.empty(len(sizes), dtype=np.int64)
+    for c in present[np.argsort(-sizes[present], kind="stable")]:
+        b = int(np.argmin(load))
+        batch_of[c] = b
+        load[b] += float(sizes[c]) ** 2
+    row_batch = batch_of[clusters]
+    return [rows for b in range(n_batches) if len(rows := np.flatnonzero(row_batch == b))]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.device import amp_dtype, select_device
+from scorers.device import amp_dtype, select_device
 from pipeline.embed.device_decode import choose_decode_path
 from pipeline.embed.common import file_sha256, jsonable, versions
 

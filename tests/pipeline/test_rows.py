@@ -12,7 +12,9 @@ from pipeline import clustering, ok_rows
 from pipeline.config import CurateConfig
 from pipeline.index import KMeansParams, spherical_kmeans
 from pipeline.rows import StoreRows
-from pipeline.steps import ScoringContext, cluster_batches, run_steps
+from pipeline.scoring import run_steps
+from scorers.semdedup import cluster_batches
+from scorers.step import ScoringContext
 from pipeline.store import EmbeddingStore, StoreInfo
 
 

@@ -4,7 +4,8 @@ from pydantic import ValidationError
 
 from pipeline.config import CurateConfig, load_config
 from pipeline.index import KMeansParams, KMeansResult
-from pipeline.steps import ScoringContext, run_steps
+from pipeline.scoring import run_steps
+from scorers.step import ScoringContext
 from scorers.exact_dup import exact_duplicates
 from scorers.random import random_scores
 
@@ -175,7 +176,7 @@ def test_coreset_weights_fill_the_weight_column_and_renormalise_after_later_drop
 
 
 def test_ot_target_estimates_how_much_to_keep():
-    from pipeline.fill_store import target_key
+    from scorers.step import target_key
 
     rng = np.random.default_rng(2)
     n = 400

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pipeline import ingest
 from pipeline.config import CurateConfig, check_before_embedding, check_plan_size, check_targets, load_config
 from pipeline.index import KMeansParams, KMeansResult
-from pipeline.steps import ScoringContext, budget_for
+from scorers.step import ScoringContext, budget_for
 
 
 def _cfg(steps=None, **extra) -> dict:

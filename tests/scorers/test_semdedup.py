@@ -262,7 +262,7 @@ def test_float16_input_agrees_with_float32():
 
 
 def test_cuda_request_errors_without_gpu_or_matches_cpu():
-    """One device policy (pipeline/device.py): an explicit 'cuda' with no GPU is an error, not a silent CPU run."""
+    """One device policy (scorers/device.py): an explicit 'cuda' with no GPU is an error, not a silent CPU run."""
     emb, cid, cent, uids, _, _ = _dataset(seed=1, k=3, per=60, n_planted=20)
     cpu = semdedup(emb, cid, cent, uids, eps=0.01)
     if not torch.cuda.is_available():

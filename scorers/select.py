@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -46,13 +46,15 @@ __all__ = [
     "Selection",
     "select",
     "RULES",
+    "Rule",
     "HEURISTIC_HARD_MIN_KEEP",
     "ccs_default_beta",
     "class_median_distance",
     "proportional_budgets",
 ]
 
-RULES = ("heuristic", "hard", "easy", "window", "ccs", "moderate", "random")
+Rule = Literal["heuristic", "hard", "easy", "window", "ccs", "moderate", "random"]
+RULES: tuple[str, ...] = get_args(Rule)
 HEURISTIC_HARD_MIN_KEEP = 0.7
 CCS_N_BINS = 50
 _RULE_KNOBS: dict[str, frozenset[str]] = {

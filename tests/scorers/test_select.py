@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.select import (
+from scorers.select import (
     HEURISTIC_HARD_MIN_KEEP,
     RULES,
     _ccs_bin_budgets,

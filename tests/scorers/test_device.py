@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from pipeline.device import amp_dtype, faiss_gpu_available, select_device
+from scorers.device import amp_dtype, faiss_gpu_available, select_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,7 +25,7 @@ def test_auto_matches_what_torch_sees() -> None:
 def test_auto_falls_back_to_cpu_with_a_log_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The one place a patch is acceptable: pretend no GPU is visible to exercise the selection logic.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.INFO, logger="pipeline.device"):
+    with caplog.at_level(logging.INFO, logger="scorers.device"):
         assert select_device("auto") == torch.device("cpu")
     assert any("CPU" in r.getMessage() for r in caplog.records)
 
