@@ -68,8 +68,9 @@ print(json.dumps({"status": r.status, "size": list(r.image.size) if r.image else
 
 def measure(path: Path, *, max_side: int = 4096, pythonpath: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath or str(REPO)}
+    # cwd outside any checkout: `python -c` puts the cwd first on sys.path, before PYTHONPATH
     out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(max_side)], capture_output=True, text=True,
-                         env=env, timeout=300, check=True)
+                         env=env, cwd=path.parent, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -123,3 +124,37 @@ def test_banded_reduce_for_a_cover_equals_whole_image_reduce() -> None:
     whole, data = _la_png(1900, 2300)
     got = decode_image(data, cover=224)  # needs 224 on the short side: box-reduced by 4, staying >= 2 × 224
     np.testing.assert_array_equal(np.asarray(got.image), np.asarray(whole.reduce(4)))
+
+
+# The pixels embedder's PCA fit, in a fresh interpreter: peak RSS growth while fitting on a folder.
+FIT_PROBE = """
+import json, resource, sys, types
+from pipeline.embed import PixelsEmbedder
+from pipeline.fill_store import _sample_images
+from pipeline.sources import ImageFolderSource
+source = ImageFolderSource(sys.argv[1])
+plan = types.SimpleNamespace(source=source, refs=source.refs())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+emb = PixelsEmbedder(size=16, dim=8, fit_samples=100).fit(_sample_images(plan, 100, seed=0, max_side=4096, max_pixels=None))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"n_fit": emb.n_fit, "grown": peak - before}))
+"""
+
+
+def test_pixels_fit_memory_does_not_grow_with_image_size(tmp_path: Path) -> None:
+    """#18: the fit sample used to hold every decoded image (40 photos of 4000x3000: +1.4 GB); now one at a time."""
+    rng = np.random.default_rng(0)
+    grown = {}
+    for label, (w, h) in {"small": (64, 48), "large": (2400, 1800)}.items():
+        folder = tmp_path / label
+        folder.mkdir()
+        tile = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
+        for i in range(24):
+            tile.rotate(i * 15).save(folder / f"{i:02d}.jpg", quality=85)
+        out = subprocess.run([sys.executable, "-c", FIT_PROBE, str(folder)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, timeout=300, check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["n_fit"] == 24
+        grown[label] = got["grown"]
+    held_if_kept = 24 * 2400 * 1800 * 4  # 415 MB: what keeping the decoded images would take
+    assert grown["large"] - grown["small"] < 0.25 * held_if_kept, grown
