@@ -83,9 +83,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from pipeline.manifest import read_run_info
+    from pipeline.manifest import manifest_parts, read_run_info
 
     info = read_run_info(args.run_dir)
+    manifest_parts(args.run_dir)  # parts that disagree with the manifest's index are an error, not a summary
     print(json.dumps(info, indent=2) if args.json else format_summary(info, Path(args.run_dir) / "manifest.parquet"))
     return 0
 

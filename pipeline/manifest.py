@@ -20,6 +20,11 @@ from pipeline.checked_parquet import read_checked, to_polars, verify_digest, wri
 
 MANIFEST_FILE = "manifest.parquet"
 RUN_FILE = "run.json"
+# The parts index of a manifest directory: a zero-row Parquet file with the parts' schema whose key-value metadata
+# lists every part (name, rows, bytes, content digest). Parquet, not JSON: polars refuses a directory holding files
+# of another extension, and a zero-row file with the same schema adds nothing to pl.scan_parquet(<dir>).
+PARTS_FILE = "_parts.parquet"
+PARTS_KEY = "winnow.manifest_parts"
 
 
 class ManifestError(ValueError):
@@ -106,7 +111,8 @@ def commit_manifest(
 
     Each call of `write_one(**call, path=...)` writes one part, `<out_dir>/manifest.parquet/part-<call["index"]>.parquet`,
     validated, with the schema version and a content checksum in its metadata (write_part); `fan_out` runs them as
-    parallel tasks. Polars and pyarrow read the directory as one table (pl.scan_parquet("<run>/manifest.parquet")).
+    parallel tasks; the parts index (write_parts_index: names, rows, sizes, digests) is the directory's last file.
+    Polars and pyarrow read the directory as one table (pl.scan_parquet("<run>/manifest.parquet")).
     The parts and run.json go to temporary names first; only then is the old run.json removed, the old manifest
     moved aside, the new one renamed into place and run.json last. So a failure while writing (a full disk, a
     crash, an unserialisable run_info) leaves the previous manifest and run.json exactly as they were, and a
@@ -128,7 +134,7 @@ def commit_manifest(
     try:
         staged = [{**call, "path": staging / f"part-{call['index']:05d}.parquet"} for call in calls]
         (fan_out or serial_fan_out)(write_one, [{k: v for k, v in call.items() if k != "index"} for call in staged])
-        fsync_dir(staging)
+        write_parts_index(staging)
         with open(tmp_run, "w") as fh:
             fh.write(run_text)
             fh.flush()
@@ -158,24 +164,140 @@ def write_part(part: pl.DataFrame, path: Path) -> int:
     return part.height
 
 
-def manifest_parts(path: str | Path) -> list[Path]:
-    """The Parquet files of a manifest: the parts of a manifest directory (or a run directory's), or one file."""
+def write_parts_index(directory: str | Path) -> Path:
+    """Records the part-*.parquet files of a manifest directory in its parts index (PARTS_FILE), fsynced, and fsyncs
+    the directory. Every writer of a manifest directory calls this once all parts are written: the index is the
+    directory's last file, and readers (manifest_parts) refuse a directory whose parts disagree with it."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    entries, schema = [], None
+    for part in sorted(directory.glob("part-*.parquet")):
+        footer = pq.ParquetFile(part)
+        digest = _stored_digest(footer.schema_arrow.metadata)
+        if not digest:
+            raise ManifestError(f"{part} carries no content digest: write parts with write_part")
+        entries.append({"name": part.name, "rows": footer.metadata.num_rows, "bytes": part.stat().st_size, "digest": digest})
+        schema = schema or footer.schema_arrow
+    if schema is None:
+        raise ManifestError(f"{directory} holds no part-*.parquet files to index")
+    index = schema.remove_metadata().with_metadata({
+        PARTS_KEY: json.dumps({"parts": entries, "rows": sum(e["rows"] for e in entries)}),
+        SCHEMA_VERSION_KEY: str(SCHEMA_VERSION),
+    })
+    final = directory / PARTS_FILE
+    tmp = directory / f".{PARTS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pq.write_table(index.empty_table(), tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(directory)
+    return final
+
+
+def read_parts_index(directory: str | Path) -> list[dict[str, Any]]:
+    """The parts a manifest directory's index lists ({"name", "rows", "bytes", "digest"}), in order."""
+    import pyarrow.parquet as pq
+
+    path = Path(directory) / PARTS_FILE
+    if not path.exists():
+        raise ManifestError(
+            f"{directory} has no {PARTS_FILE}: the manifest's writer did not finish (or an older winnow wrote it); "
+            "rerun the step that writes it"
+        )
+    try:
+        raw = (pq.read_schema(path).metadata or {})[PARTS_KEY.encode()]
+        entries = json.loads(raw)["parts"]
+        for e in entries:
+            if not (isinstance(e["name"], str) and isinstance(e["rows"], int) and isinstance(e["bytes"], int) and isinstance(e["digest"], str)):
+                raise TypeError("bad entry")
+    except Exception as exc:  # unreadable file, missing key, bad JSON or entries: all mean a damaged index
+        raise ManifestError(f"{path} is damaged or not a winnow parts index: {type(exc).__name__}: {exc}") from exc
+    return entries
+
+
+def _indexed(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A manifest directory's parts with their index entries; a listed part missing or a file the index does not list
+    (polars would read it too) is a ManifestError naming them."""
+    entries = read_parts_index(directory)
+    listed = [e["name"] for e in entries]
+    present = sorted(p.name for p in directory.iterdir() if p.name != PARTS_FILE)
+    missing = sorted(set(listed) - set(present))
+    extra = sorted(set(present) - set(listed))
+    if missing or extra:
+        what = ([f"missing part(s) {missing}"] if missing else []) + ([f"unlisted file(s) {extra}"] if extra else [])
+        raise ManifestError(f"{directory} does not match its {PARTS_FILE}: {'; '.join(what)}")
+    return [(directory / e["name"], e) for e in entries]
+
+
+def _check_entry(part: Path, entry: dict[str, Any], rows: int, digest: str) -> None:
+    size = part.stat().st_size
+    if size != entry["bytes"]:
+        raise ManifestError(f"{part} has {size} bytes, {PARTS_FILE} says {entry['bytes']} (replaced or truncated?)")
+    if rows != entry["rows"] or digest != entry["digest"]:
+        raise ManifestError(
+            f"{part} holds {rows} rows with digest {digest[:12]!r}, {PARTS_FILE} says {entry['rows']} rows, "
+            f"{entry['digest'][:12]!r} (replaced by another file?)"
+        )
+
+
+def _stored_digest(schema_metadata: dict[bytes, bytes] | None) -> str:
+    from pipeline.checked_parquet import DIGEST_KEY
+
+    return (schema_metadata or {}).get(DIGEST_KEY.encode(), b"").decode("ascii", "replace")
+
+
+def check_parts(directory: str | Path) -> list[Path]:
+    """The parts of a manifest directory, checked against its index from their footers only (no rows read): names
+    (_indexed), then each part's size, row count and content digest. read_manifest checks the same while it reads
+    and verifies every part's rows against its digest, so the chain from index to rows is checked on each full read."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for part, entry in _indexed(Path(directory)):
+        try:
+            footer = pq.ParquetFile(part)
+            rows, digest = footer.metadata.num_rows, _stored_digest(footer.schema_arrow.metadata)
+        except Exception as exc:
+            raise ManifestError(f"{part} is not a readable Parquet file (damaged?): {type(exc).__name__}: {exc}") from exc
+        _check_entry(part, entry, rows, digest)
+        parts.append(part)
+    return parts
+
+
+def _manifest_files(path: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """The Parquet files of a manifest and their index entries (None for a lone file), names checked (_indexed)."""
     path = Path(path)
     if path.is_dir() and not path.name.endswith(".parquet"):
         path = path / MANIFEST_FILE
     if path.is_dir():
-        parts = sorted(path.glob("part-*.parquet"))
-        if not parts:
-            raise ManifestError(f"{path} holds no part-*.parquet files")
-        return parts
+        return _indexed(path)
     if not path.exists():
         raise ManifestError(f"no manifest at {path}")
-    return [path]
+    if path.name == PARTS_FILE:
+        raise ManifestError(f"{path} is a manifest's parts index, not a part: give its directory")
+    if (path.parent / PARTS_FILE).exists():  # a part of an indexed directory: that directory must be whole
+        return [(p, e) for p, e in _indexed(path.parent) if p.name == path.name]
+    return [(path, None)]
+
+
+def manifest_parts(path: str | Path) -> list[Path]:
+    """The Parquet files of a manifest: the parts of a manifest directory (or a run directory's), checked against the
+    directory's parts index (check_parts), or one file (checked against its entry when its folder has an index)."""
+    files = _manifest_files(path)
+    if files[0][1] is None:
+        return [files[0][0]]
+    checked = set(check_parts(files[0][0].parent))
+    return [p for p, _ in files if p in checked]
 
 
 def read_manifest(path: str | Path) -> pl.DataFrame:
-    """Reads a manifest (a run directory, its manifest.parquet directory of parts, or one part file) and validates it."""
-    frames = [_read_part(part) for part in manifest_parts(path)]
+    """Reads a manifest (a run directory, its manifest.parquet directory of parts, or one part file) and validates it:
+    the parts against the directory's index, each part's rows against its digest, then the schema rules."""
+    frames = [_read_part(part, entry) for part, entry in _manifest_files(path)]
     frame = pl.concat(frames) if len(frames) > 1 else frames[0]
     try:
         validate(frame)
@@ -184,7 +306,7 @@ def read_manifest(path: str | Path) -> pl.DataFrame:
     return frame
 
 
-def _read_part(path: Path) -> pl.DataFrame:
+def _read_part(path: Path, entry: dict[str, Any] | None = None) -> pl.DataFrame:
     # pyarrow, not polars: polars can abort the process on a damaged page; the content checksum is verified here.
     table = read_checked(path, ManifestError, verify=False)
     version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY.encode())
@@ -200,6 +322,8 @@ def _read_part(path: Path) -> pl.DataFrame:
     if missing:
         raise ManifestError(f"{path}: manifest lacks required columns {missing}")
     verify_digest(table, path, ManifestError)
+    if entry is not None:
+        _check_entry(path, entry, table.num_rows, _stored_digest(table.schema.metadata))
     return to_polars(table, path, ManifestError)
 
 
@@ -207,8 +331,8 @@ def export_run(run_dir: str | Path, uri: str) -> str:
     """Copies a finished run's manifest parts, report and run.json to `uri` (any fsspec URL: s3://, gs://, file://).
 
     Object stores have no atomic rename, so the copy keeps the local rule with ordering instead: the remote run.json
-    is deleted first, the parts and the report are uploaded, parts left over from an earlier export are deleted,
-    and run.json is uploaded last. A reader that finds run.json at `uri` finds the complete manifest beside it.
+    is deleted first, the parts uploaded, parts left over from an earlier export deleted, the parts index and the report
+    uploaded, and run.json last. A reader that finds run.json at `uri` finds the complete manifest beside it.
     Returns the remote run directory.
     """
     import fsspec
@@ -223,9 +347,10 @@ def export_run(run_dir: str | Path, uri: str) -> str:
     parts = manifest_parts(run_dir)
     for part in parts:
         fs.put_file(str(part), f"{remote}/{part.name}")
-    stale = {p.rsplit("/", 1)[-1] for p in fs.ls(remote, detail=False)} - {p.name for p in parts}
+    stale = {p.rsplit("/", 1)[-1] for p in fs.ls(remote, detail=False)} - {p.name for p in parts} - {PARTS_FILE}
     for name in sorted(stale):
         fs.rm(f"{remote}/{name}")
+    fs.put_file(str(parts[0].parent / PARTS_FILE), f"{remote}/{PARTS_FILE}")  # the index after its parts
     if (run_dir / "report.html").exists():
         fs.put_file(str(run_dir / "report.html"), f"{root}/report.html")
     fs.put_file(str(run_dir / RUN_FILE), f"{root}/{RUN_FILE}")

@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,84 @@ class SampleRef:
 
 class SourceError(ValueError):
     """Bad source configuration: missing paths, missing columns, misaligned shards, paths escaping a root."""
+
+
+# Bytes read per file at most, unless a source's `max_file_bytes` says otherwise: a file larger than this is recorded
+# with status "too_large" and never read (a link to /dev/zero or a multi-GB file cannot fill the memory).
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class RefusedFileError(OSError):
+    """A listed file that is refused instead of read; ``status`` is what the store's metadata records for it."""
+
+    status: ClassVar[str] = "io_error"
+
+
+class NotRegularFileError(RefusedFileError):
+    """A FIFO, socket, device or folder (after resolving symlinks), or a tar member that is a link or device."""
+
+    status = "not_regular_file"
+
+
+class FileTooLargeError(RefusedFileError):
+    status = "too_large"
+
+
+class OutsideRootError(RefusedFileError):
+    """A symlink resolving outside the source's root (refused unless ``follow_symlinks``)."""
+
+    status = "outside_root"
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _inside(real: str, real_root: str) -> bool:
+    return os.path.commonpath([real, real_root]) == real_root
+
+
+def check_max_file_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SourceError(f"max_file_bytes must be a positive integer (bytes), got {value!r}")
+    return value
+
+
+def read_file_bounded(location: str, max_bytes: int, *, real_root: str | None = None) -> bytes:
+    """The bytes of one file, refusing what must not be read: a RefusedFileError (an OSError) whose ``status`` says why.
+
+    Local paths are checked with stat before anything is opened (stat never blocks; opening a FIFO does): not a
+    regular file after resolving symlinks → not_regular_file; resolving outside ``real_root`` (when given) →
+    outside_root; over ``max_bytes`` → too_large. The file is then opened non-blocking, checked again on the open
+    descriptor (it may have been swapped since), and read up to max_bytes + 1 bytes. URLs are read up to the same cap.
+    """
+    location = _local_path(location) or location  # a file:// URL gets the same checks as a path
+    if _is_url(location):
+        with _open_binary(location) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise FileTooLargeError(f"{location!r} is larger than max_file_bytes ({max_bytes})")
+        return data
+    st = os.stat(location)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(f"{location!r} is {_file_kind(st.st_mode)}, not a regular file")
+    if real_root is not None and not _inside(os.path.realpath(location), real_root):
+        raise OutsideRootError(f"{location!r} resolves to {os.path.realpath(location)!r}, outside the source root")
+    if st.st_size > max_bytes:
+        raise FileTooLargeError(f"{location!r} has {st.st_size} bytes, more than max_file_bytes ({max_bytes})")
+    fd = os.open(location, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:  # owns fd from here
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{location!r} is {_file_kind(mode)}, not a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since stat
+        raise FileTooLargeError(f"{location!r} is larger than max_file_bytes ({max_bytes})")
+    return data
 
 
 class DuplicateUidError(ValueError):
@@ -103,6 +182,13 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _local_path(location: str) -> str | None:
+    """The local path of a plain path or a file:// URL; None for other URLs."""
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    return None if _is_url(location) else location
+
+
 def _open_binary(location: str):
     """Opens a local path with the builtin open (fast) and anything with a protocol through fsspec."""
     if _is_url(location):
@@ -117,9 +203,12 @@ class Source:
 
     kind: ClassVar[str] = ""
     has_images: ClassVar[bool] = True
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __init__(self) -> None:
         self._refs: list[SampleRef] | None = None
+        # folders the last listing could not enter (unreadable, or a folder symlink not followed): {"path", "why"}
+        self._unlisted: list[dict[str, str]] = []
 
     def refs(self) -> list[SampleRef]:
         """All samples in a deterministic order; raises DuplicateUidError when a uid repeats."""
@@ -136,10 +225,19 @@ class Source:
         """Drops the cached ref list (refs() lists the source again if asked)."""
         self._refs = None
 
+    def unlisted_folders(self) -> list[dict[str, str]]:
+        """Folders refs() could not list (``{"path": ..., "why": ...}``): images in them are not among the refs."""
+        self.refs()
+        return list(self._unlisted)
+
     def read_bytes(self, ref: SampleRef) -> bytes:
-        """The raw bytes of ``ref``; raises an OSError subclass when they cannot be read."""
-        with _open_binary(ref.location) as f:
-            return f.read()
+        """The raw bytes of ``ref``, at most ``max_file_bytes``; raises an OSError subclass when they cannot or must
+        not be read (a RefusedFileError's ``status`` says which)."""
+        return read_file_bounded(ref.location, self.max_file_bytes, real_root=self._real_root())
+
+    def _real_root(self) -> str | None:
+        """The resolved folder every file must stay inside, or None when the source has no such root."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """``kind`` plus the constructor kwargs, JSON-serialisable (for the store's metadata)."""
@@ -172,7 +270,11 @@ class ImageFolderSource(Source):
     and labels are taken below the split folder.
     ``labels_from_subfolders``: True → label = first folder below the scanned folder (every image must be inside
     one); False → no labels; None → labels iff every image is inside a subfolder.
-    Hidden files and folders (name starting with ".") are skipped; symlinked folders are not followed (cycles).
+    Hidden files and folders (name starting with ".") are skipped; symlinked folders are not followed (cycles) and,
+    like folders that cannot be listed (permission denied), are reported by unlisted_folders().
+    Every file with a listed extension becomes a ref; one that is not a regular file after resolving symlinks (a FIFO,
+    socket, device) or is larger than ``max_file_bytes`` is never opened for reading: its read fails with a status.
+    A file symlink resolving outside ``root`` is a SourceError naming it unless ``follow_symlinks`` is True.
     """
 
     kind = "image_folder"
@@ -184,11 +286,15 @@ class ImageFolderSource(Source):
         split: str | Sequence[str] | None = None,
         labels_from_subfolders: bool | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        follow_symlinks: bool = False,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         super().__init__()
         self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
             raise SourceError(f"image folder root {self.root!r} is not a directory")
+        self.follow_symlinks = bool(follow_symlinks)
+        self.max_file_bytes = check_max_file_bytes(max_file_bytes)
         self.split: str | list[str] | None = split if split is None or isinstance(split, str) else list(split)
         self.labels_from_subfolders = labels_from_subfolders
         exts = [extensions] if isinstance(extensions, str) else list(extensions)
@@ -209,20 +315,61 @@ class ImageFolderSource(Source):
                 raise SourceError(f"split {name!r} must be a relative folder name under the root")
         return names
 
-    def _scan(self) -> list[SampleRef]:
+    def _real_root(self) -> str | None:
+        return None if self.follow_symlinks else os.path.realpath(self.root)
+
+    def _walk(self, base: str) -> Iterator[tuple[PurePosixPath, os.DirEntry[str]]]:
+        """(folder relative to base, entry) for every non-folder entry with a listed extension under base, hidden
+        names skipped. Folders that cannot be listed and folder symlinks go to self._unlisted instead."""
         exts = set(self.extensions)
+        stack = [PurePosixPath()]
+        while stack:
+            rel_dir = stack.pop()
+            path = os.path.join(base, *rel_dir.parts)
+            try:
+                with os.scandir(path) as it:
+                    entries = list(it)
+            except OSError as exc:
+                self._unlisted.append({"path": path, "why": exc.strerror or type(exc).__name__})
+                log.warning("%s: folder %r not listed (%s); its images are not in this run", self._name(), path, exc)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    is_link = entry.is_symlink()
+                    link_to_dir = is_link and entry.is_dir()
+                except OSError:
+                    is_dir = is_link = link_to_dir = False  # stat failed: listed as a file, its read records why
+                if is_dir:
+                    stack.append(rel_dir / entry.name)
+                elif link_to_dir:
+                    self._unlisted.append({"path": entry.path, "why": "folder symlink, not followed"})
+                elif os.path.splitext(entry.name)[1].lower() in exts:
+                    yield rel_dir, entry
+
+    def _scan(self) -> list[SampleRef]:
+        self._unlisted = []
+        real_root = self._real_root()
         found: list[tuple[str, str]] = []  # (uid, path relative to the split folder)
+        escapes: list[str] = []
         for split in self._splits():
             base = os.path.join(self.root, split) if split else self.root
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                rel_dir = os.path.relpath(dirpath, base)
-                for name in filenames:
-                    if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
-                        continue
-                    rel = PurePosixPath(*Path(rel_dir).parts, name) if rel_dir != "." else PurePosixPath(name)
-                    uid = str(PurePosixPath(*Path(split).parts, *rel.parts)) if split else str(rel)
-                    found.append((uid, str(rel)))
+            for rel_dir, entry in self._walk(base):
+                if real_root is not None and entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
+                    escapes.append(f"{entry.path!r} -> {os.path.realpath(entry.path)!r}")
+                    continue
+                rel = rel_dir / entry.name
+                uid = str(PurePosixPath(*Path(split).parts, *rel.parts)) if split else str(rel)
+                found.append((uid, str(rel)))
+        if escapes:
+            raise SourceError(
+                f"{len(escapes)} symlink(s) under image folder root {self.root!r} resolve outside it: "
+                f"{', '.join(escapes[:_SHOW_DUPLICATES])}{' ...' if len(escapes) > _SHOW_DUPLICATES else ''}; "
+                "set follow_symlinks: true in the source to read them"
+            )
+        self._unlisted.sort(key=lambda d: d["path"])
         found.sort()
         in_subfolder = [len(PurePosixPath(rel).parts) > 1 for _, rel in found]
         if self.labels_from_subfolders is None:
@@ -251,6 +398,8 @@ class ImageFolderSource(Source):
             "split": self.split,
             "labels_from_subfolders": self.labels_from_subfolders,
             "extensions": list(self.extensions),
+            "follow_symlinks": self.follow_symlinks,
+            "max_file_bytes": self.max_file_bytes,
         }
 
     def _name(self) -> str:
@@ -283,7 +432,10 @@ class WebDatasetSource(Source):
     the ``label_key`` member, caption = that of ``caption_key``.
     ``refs()`` indexes each tar once (member offsets from tarfile's ``offset_data``); ``read_bytes`` then seeks
     straight to the member. The index travels with the object into worker processes, so workers never rescan.
-    Only uncompressed tars can be read this way (``.tar.gz`` cannot be seeked): those are a SourceError.
+    Only uncompressed tars can be read this way (``.tar.gz`` cannot be seeked): those are a SourceError, and so is a
+    local shard that is not a regular file (a FIFO would block the listing). Members are never followed: an image member
+    that is a link or device is a ref whose read fails with status not_regular_file, a member larger than
+    ``max_file_bytes`` one whose read fails with too_large.
     """
 
     kind = "webdataset"
@@ -295,11 +447,13 @@ class WebDatasetSource(Source):
         image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         label_key: str | None = "cls",
         caption_key: str | None = "txt",
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         super().__init__()
         self.urls = [u if _is_url(u) else os.path.abspath(u) for u in expand_urls(urls)]
         if not self.urls:
             raise SourceError("WebDatasetSource needs at least one tar path or URL")
+        self.max_file_bytes = check_max_file_bytes(max_file_bytes)
         keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
         self.image_keys = [k.lower() for k in keys]
         if not self.image_keys:
@@ -319,13 +473,16 @@ class WebDatasetSource(Source):
     def _scan_tar(self, url: str) -> list[SampleRef]:
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         repeated: list[str] = []
+        local = _local_path(url)
+        if local is not None and os.path.exists(local) and not os.path.isfile(local):
+            raise SourceError(f"webdataset shard {url!r} is {_file_kind(os.stat(local).st_mode)}, not a regular file")
         try:
             with _open_binary(url) as f:
                 try:
                     # "r:" = uncompressed, random access: iterating reads headers and seeks past member data.
                     with tarfile.open(fileobj=f, mode="r:") as tar:
                         for info in tar:
-                            if not info.isreg() or _WDS_SKIP.match(info.name):
+                            if info.isdir() or _WDS_SKIP.match(info.name):
                                 continue
                             m = _WDS_KEY.match(info.name)
                             if m is None:
@@ -335,7 +492,8 @@ class WebDatasetSource(Source):
                             if ext in members:
                                 repeated.append(info.name)
                             members[ext] = info
-                            self._index[f"{url}::{info.name}"] = (url, info.offset_data, info.size)
+                            # a link or device member is listed (its row records why) but never read: offset -1
+                            self._index[f"{url}::{info.name}"] = (url, info.offset_data if info.isreg() else -1, info.size)
                         refs = self._make_refs(url, samples, tar)
                 except tarfile.ReadError as e:
                     raise SourceError(f"{url!r} is not an uncompressed tar file ({e})") from e
@@ -373,7 +531,7 @@ class WebDatasetSource(Source):
 
     @staticmethod
     def _text(tar: tarfile.TarFile, info: tarfile.TarInfo | None) -> str | None:
-        if info is None:
+        if info is None or not info.isreg():
             return None
         f = tar.extractfile(info)
         assert f is not None  # regular file
@@ -394,6 +552,10 @@ class WebDatasetSource(Source):
             if entry is None:
                 raise FileNotFoundError(f"member {member!r} not found in {url!r}")
         url, offset, size = entry
+        if offset < 0:
+            raise NotRegularFileError(f"{ref.location!r} is a link or device member, not a regular file")
+        if size > self.max_file_bytes:
+            raise FileTooLargeError(f"{ref.location!r} has {size} bytes, more than max_file_bytes ({self.max_file_bytes})")
         with _open_binary(url) as f:
             f.seek(offset)
             data = f.read(size)
@@ -408,6 +570,7 @@ class WebDatasetSource(Source):
             "image_keys": list(self.image_keys),
             "label_key": self.label_key,
             "caption_key": self.caption_key,
+            "max_file_bytes": self.max_file_bytes,
         }
 
     def _name(self) -> str:
@@ -462,7 +625,8 @@ class TableSource(Source):
     uid = the ``uid_column`` value if given, else the path exactly as written in the table.
     Relative paths resolve against ``root`` (default: the table's folder); absolute paths and URLs are used as is.
     When ``root`` is given explicitly every path must stay inside it: ``..``, absolute paths elsewhere, URLs and
-    symlinks pointing outside are a SourceError naming the path.
+    symlinks pointing outside are a SourceError naming the path (symlinks are allowed with ``follow_symlinks``,
+    the rest never). Reads are capped at ``max_file_bytes`` and refuse what is not a regular file, as for image folders.
     """
 
     kind = "table"
@@ -476,11 +640,15 @@ class TableSource(Source):
         label_column: str | None = None,
         caption_column: str | None = None,
         root: str | os.PathLike[str] | None = None,
+        follow_symlinks: bool = False,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         super().__init__()
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isfile(self.path):
-            raise SourceError(f"table {self.path!r} not found")
+            raise SourceError(f"table {self.path!r} not found (or not a regular file)")
+        self.follow_symlinks = bool(follow_symlinks)
+        self.max_file_bytes = check_max_file_bytes(max_file_bytes)
         self.path_column = path_column
         self.uid_column = uid_column
         self.label_column = label_column
@@ -498,6 +666,8 @@ class TableSource(Source):
         captions = _column_as_str(table, self.caption_column, self.path, allow_null=True) if self.caption_column else None
         base = self.root if self.root is not None else os.path.dirname(self.path)
         real_root = os.path.realpath(self.root) if self.root is not None else None
+        if real_root is not None and self.follow_symlinks:
+            real_root = os.path.normpath(self.root)  # paths are checked as written: `..` still cannot leave the root
         refs = []
         for i, (p, uid) in enumerate(zip(paths, uids)):
             assert p is not None and uid is not None
@@ -518,10 +688,14 @@ class TableSource(Source):
             raise SourceError(f"table {self.path!r}: {p!r} is a URL, outside root {self.root!r}")
         location = os.path.normpath(os.path.join(base, p))
         # realpath resolves symlinks (in the file and its folders), so a link out of the root is caught too.
-        real = os.path.realpath(location)
-        if os.path.commonpath([real, real_root]) != real_root:
-            raise SourceError(f"table {self.path!r}: path {p!r} escapes root {self.root!r} (resolves to {real!r})")
+        real = location if self.follow_symlinks else os.path.realpath(location)
+        if not _inside(real, real_root):
+            hint = "" if self.follow_symlinks or real == location else "; set follow_symlinks: true to allow symlinks out of the root"
+            raise SourceError(f"table {self.path!r}: path {p!r} escapes root {self.root!r} (resolves to {real!r}){hint}")
         return location
+
+    def _real_root(self) -> str | None:
+        return os.path.realpath(self.root) if self.root is not None and not self.follow_symlinks else None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -532,6 +706,8 @@ class TableSource(Source):
             "label_column": self.label_column,
             "caption_column": self.caption_column,
             "root": self.root,
+            "follow_symlinks": self.follow_symlinks,
+            "max_file_bytes": self.max_file_bytes,
         }
 
     def _name(self) -> str:
@@ -549,11 +725,14 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             matches = glob.glob(s)
             if not matches:
                 raise SourceError(f"{what} pattern {s!r} matches no file")
+            odd = [m for m in matches if not os.path.isfile(m)]
+            if odd:  # a FIFO would block np.load: name it instead
+                raise SourceError(f"{what} pattern {s!r} matches {len(odd)} path(s) that are not regular files: {odd[:_SHOW_DUPLICATES]}")
             out.extend(matches)
         elif os.path.isfile(s):
             out.append(s)
         else:
-            raise SourceError(f"{what} file {s!r} not found")
+            raise SourceError(f"{what} file {s!r} not found (or not a regular file)")
     return sorted(os.path.abspath(p) for p in dict.fromkeys(out))
 
 

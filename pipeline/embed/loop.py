@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.decode import STATUS_OK, decode_image, peek_jpeg, sha1_hex
 from pipeline.embed.common import Embedder
+from pipeline.sources import RefusedFileError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class _RefDataset(Dataset):
             data = self.source.read_bytes(ref)
         except Exception as exc:  # OSError in practice; anything else must not kill the worker either
             log.warning("reading %s (%s) failed: %s", ref.uid, ref.location, exc)
+            if isinstance(exc, RefusedFileError):  # not_regular_file, too_large, outside_root
+                item.meta["status"] = exc.status
             return item
         item.meta["sha1"] = sha1_hex(data)  # from the bytes in hand: no second read
         if self.plan.jpeg_to_device:

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.schema import SCHEMA_VERSION_KEY
-from pipeline.manifest import ManifestError, manifest_parts, read_manifest, read_run_info, write_manifest
+from pipeline.manifest import ManifestError, manifest_parts, read_manifest, read_run_info, write_manifest, write_parts_index
 
 
 def _frame(**changes):
@@ -108,6 +108,9 @@ def test_a_duplicate_uid_across_parts_is_refused_on_read(tmp_path):
     second = manifest_parts(path)[1]
     first = pq.read_table(manifest_parts(path)[0])
     pq.write_table(first, second)  # part 1 now repeats part 0's rows (a valid file on its own)
+    with pytest.raises(ManifestError, match="part-00001.parquet.*_parts.parquet says"):
+        read_manifest(path)  # the parts index notices the swap first
+    write_parts_index(path)  # as if a buggy writer had indexed it: the rows themselves are still checked
     with pytest.raises(ManifestError, match="duplicate uids"):
         read_manifest(path)
 
