@@ -34,6 +34,11 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
         lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
     lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
     lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
+    unlisted = counts.get("unlisted_folders")
+    if unlisted:
+        shown = ", ".join(f"{f['path']} ({f['why']})" for f in unlisted["folders"][:5])
+        lines.append(f"  warning: {unlisted['count']} folder(s) of the source could not be listed, their images are not in "
+                     f"the manifest: {shown}{' ...' if unlisted['count'] > 5 else ''}")
     if "evaluation" in info:
         from pipeline.evaluate import format_evaluation
 

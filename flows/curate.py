@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.runners import Opaque, io_task, make_task_runner, prefect_fan_out, shared_api
 from pipeline import clustering, fill_store, ok_rows, run_record, scoring
 from pipeline.config import CurateConfig, check_before_embedding
-from pipeline.ingest import IngestPlan, plan_ingest
+from pipeline.ingest import IngestPlan, listing_counts, plan_ingest
 from pipeline.manifest import export_run, read_run_info
 from pipeline.store import EmbeddingStore
 
@@ -122,6 +122,7 @@ def curate(config: dict[str, Any]) -> dict[str, Any]:
     with stats.timed("ingest"):
         plan = ingest(cfg)
         check_before_embedding(cfg, plan)  # k > N, empty targets, labels: refused before any embedding
+        stats.counts.update(listing_counts(plan))  # unlistable folders: in run.json and the summary
     with stats.timed("embed"):
         if cfg.source.kind == "precomputed":
             embedder = None

@@ -1,7 +1,7 @@
 """The ingest plan: a source listed (uids checked unique) and cut into store shards."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ class IngestPlan:
     shards: list[tuple[int, int]]
     n_samples: int
     has_labels: bool
+    unlisted: list[dict[str, str]] = field(default_factory=list)  # folders the source could not list: {"path", "why"}
 
     def release_refs(self) -> None:
         """Drops the per-sample refs (one Python object each) once embedding is done, here and in the source's cache."""
@@ -41,4 +42,12 @@ def plan_ingest(cfg: CurateConfig) -> IngestPlan:
     if not refs:
         raise ValueError(f"source {cfg.source.arguments()} has no samples")
     return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size), n_samples=len(refs),
-                      has_labels=any(r.label is not None for r in refs))
+                      has_labels=any(r.label is not None for r in refs), unlisted=source.unlisted_folders())
+
+
+def listing_counts(plan: IngestPlan, *, show: int = 100) -> dict[str, Any]:
+    """run.json's record of the folders the source could not list (their images are not in the manifest): their count
+    and the first `show` of them with why; {} when every folder was listed."""
+    if not plan.unlisted:
+        return {}
+    return {"unlisted_folders": {"count": len(plan.unlisted), "folders": plan.unlisted[:show]}}

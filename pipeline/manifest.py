@@ -101,7 +101,7 @@ def write_manifest(
 
 def commit_manifest(
     out_dir: str | Path,
-    run_info: dict[str, Any],
+    run_info: dict[str, Any] | Callable[[], dict[str, Any]],
     write_one: Callable[..., int],
     calls: list[dict[str, Any]],
     *,
@@ -109,7 +109,8 @@ def commit_manifest(
 ) -> Path:
     """Writes a manifest as a directory of Parquet parts plus run.json, all or nothing; returns the directory.
 
-    Each call of `write_one(**call, path=...)` writes one part, `<out_dir>/manifest.parquet/part-<call["index"]>.parquet`,
+    `run_info` is run.json's content, or a function that makes it once the parts are written (so it can hold the
+    time spent writing them). Each call of `write_one(**call, path=...)` writes one part, `<out_dir>/manifest.parquet/part-<call["index"]>.parquet`,
     validated, with the schema version and a content checksum in its metadata (write_part); `fan_out` runs them as
     parallel tasks; the parts index (write_parts_index: names, rows, sizes, digests) is the directory's last file.
     Polars and pyarrow read the directory as one table (pl.scan_parquet("<run>/manifest.parquet")).
@@ -119,7 +120,11 @@ def commit_manifest(
     run.json present means the manifest beside it is complete.
     """
     out_dir = Path(out_dir)
-    run_text = json.dumps(run_info, indent=2, sort_keys=True, default=_json_default)
+
+    def serialise() -> str:
+        return json.dumps(run_info() if callable(run_info) else run_info, indent=2, sort_keys=True, default=_json_default)
+
+    run_text = None if callable(run_info) else serialise()  # a mapping that cannot be serialised fails before any work
     path = out_dir / MANIFEST_FILE
     run_path = out_dir / RUN_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +141,7 @@ def commit_manifest(
         (fan_out or serial_fan_out)(write_one, [{k: v for k, v in call.items() if k != "index"} for call in staged])
         write_parts_index(staging)
         with open(tmp_run, "w") as fh:
-            fh.write(run_text)
+            fh.write(run_text if run_text is not None else serialise())
             fh.flush()
             os.fsync(fh.fileno())
         run_path.unlink(missing_ok=True)  # from here until the last rename the run reads as unfinished

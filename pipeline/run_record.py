@@ -29,13 +29,26 @@ class RunStats:
     counts: dict[str, Any] = field(default_factory=dict)
     spans: dict[str, list[float]] = field(default_factory=dict)  # stage → [first start, last end], Unix time
 
+    running: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage → (perf_counter, Unix time) at start
+
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         """Adds the block's wall time to stage `name` and stretches its span."""
         start, wall_start = time.perf_counter(), time.time()
+        self.running[name] = (start, wall_start)
         yield
+        del self.running[name]
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         self.spans[name] = [self.spans.get(name, [wall_start])[0], time.time()]
+
+    def timings_now(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """(timings, spans) including the time so far of stages still running: run.json is written inside the
+        manifest stage, and carries that stage's time up to its own writing."""
+        timings, spans = dict(self.timings), dict(self.spans)
+        for name, (start, wall_start) in self.running.items():
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+            spans[name] = [spans.get(name, [wall_start])[0], time.time()]
+        return timings, spans
 
 
 def write_curate_manifest(
@@ -53,7 +66,6 @@ def write_curate_manifest(
     from pipeline.manifest import commit_manifest
 
     counts = manifest_counts(columns["reason"], n_bad=rows.bad_rows)
-    info = run_info(cfg, store, counts, notes, stats)
     cluster = kmeans.assignment.astype(np.int32)
     calls = []
     for position, shard in enumerate(rows.shards):
@@ -61,6 +73,10 @@ def write_curate_manifest(
         part_columns = {name: values[start:stop] for name, values in columns.items()}
         calls.append({"store_root": store.root, "shard": shard, "columns": {**part_columns, "cluster": cluster[start:stop]},
                       "uid_file": rows.uid_file, "index": position})
+    # run.json is made once the parts are written, so it holds the manifest stage's time up to its own writing
+    def info() -> dict[str, Any]:
+        return run_info(cfg, store, counts, notes, stats)
+
     return commit_manifest(cfg.run_dir, info, build_manifest_part, calls, fan_out=fan_out), counts
 
 
@@ -118,6 +134,7 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], n
         except md.PackageNotFoundError:
             return "not installed"
 
+    timings, spans = stats.timings_now()
     return {
         "config": cfg.model_dump(mode="json"),
         "versions": {p: version(p) for p in ("winnow", "torch", "open_clip_torch", "faiss-cpu", "polars", "prefect")},
@@ -126,8 +143,8 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], n
         "counts": {**counts, **stats.counts},
         "steps": notes,
         "orientation": {name: registry()[name].orientation for name in {s.scorer for s in cfg.steps}},
-        "timings_s": {k: round(v, 3) for k, v in stats.timings.items()},
-        "stage_spans": stats.spans,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "stage_spans": spans,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.clustering import fit_index
 from pipeline.config import CurateConfig
 from pipeline.fill_store import embed_shard, embed_targets, ingest_precomputed, init_store, make_embedder, needs_targets
-from pipeline.ingest import plan_ingest
+from pipeline.ingest import listing_counts, plan_ingest
 from pipeline.ok_rows import open_rows
 from pipeline.run_record import RunStats, store_status_counts, write_curate_manifest
 from pipeline.scoring import score
@@ -32,6 +32,7 @@ def run_in_process(cfg: CurateConfig) -> dict[str, Any]:
     with stats.timed("ingest"):
         plan = plan_ingest(cfg)
         check_before_embedding(cfg, plan)
+        stats.counts.update(listing_counts(plan))
     with stats.timed("embed"):
         embedder = None
         if cfg.source.kind == "precomputed":
