@@ -205,24 +205,28 @@ def check_plan_size(cfg: CurateConfig, n_samples: int, *, has_labels: bool | Non
 
 
 def check_targets(cfg: CurateConfig) -> dict[str, int]:
-    """Lists every step's `target` source before any embedding; an empty or missing target set is a ValueError.
+    """Lists every step's `target` and `eval_sources` sources before any embedding; an empty or missing one is a ValueError.
 
     Returns the number of samples of each target, by the step's position and scorer (e.g. "1:ot_target").
     """
     from pipeline.sources import source_from_config
 
     counts: dict[str, int] = {}
-    for position in needing("targets", [(s.scorer, s.knobs()) for s in cfg.steps]):
-        step = cfg.steps[position]
-        spec = step.knobs()["target"]  # a source mapping: checked when the config loaded
+    target_steps = set(needing("targets", [(s.scorer, s.knobs()) for s in cfg.steps]))
+    for position, step in enumerate(cfg.steps):
+        knobs = step.knobs()
         where = f"step {position} ({step.scorer})"
-        try:
-            n = len(source_from_config(dict(spec)).refs())
-        except ValueError as exc:  # SourceError, DuplicateUidError
-            raise type(exc)(f"{where}: target {spec}: {exc}") from exc
-        if n == 0:
-            raise ValueError(f"{where}: the target set {spec} is empty")
-        counts[f"{position}:{step.scorer}"] = n
+        # sources are mappings (checked when the config loaded); eval_sources a list of them (the leak step)
+        specs = [("target", knobs["target"], "")] if position in target_steps and knobs.get("target") is not None else []
+        specs += [("eval source", spec, f":eval{i}") for i, spec in enumerate(knobs.get("eval_sources") or [])]
+        for what, spec, suffix in specs:
+            try:
+                n = len(source_from_config(dict(spec)).refs())
+            except ValueError as exc:  # SourceError, DuplicateUidError
+                raise type(exc)(f"{where}: {what} {spec}: {exc}") from exc
+            if n == 0:
+                raise ValueError(f"{where}: the {what} set {spec} is empty")
+            counts[f"{position}:{step.scorer}{suffix}"] = n
     return counts
 
 

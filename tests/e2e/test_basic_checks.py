@@ -166,3 +166,17 @@ def test_clip_score_and_label_agreement_with_the_text_tower(tiny_clip_model, cif
     assert dropped <= m.filter(pl.col("keep") & pl.col("caption").is_not_null())["score_clip"].min()
     mism = m.filter(pl.col("reason") == "label_mismatch")
     assert (mism["score_label_rank"] >= 3).all() and mism["suggested_label"].null_count() == 0
+
+
+def test_an_empty_eval_source_is_refused_before_embedding(tmp_path, cifar_subset):
+    from pipeline.config import check_targets
+
+    (tmp_path / "empty").mkdir()
+    cfg = CurateConfig.model_validate({
+        "name": "e", "source": {"kind": "image_folder", "root": str(cifar_subset / "test")},
+        "embed": {"kind": "pixels"}, "output_root": str(tmp_path / "runs"),
+        "steps": [{"scorer": "leak", "eval_sources": [{"kind": "image_folder", "root": str(cifar_subset / "test")},
+                                                      {"kind": "image_folder", "root": str(tmp_path / "empty")}]}],
+    })
+    with pytest.raises(ValueError, match="eval source .* is empty"):
+        check_targets(cfg)
