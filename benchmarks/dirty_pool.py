@@ -27,8 +27,9 @@ Protocol (fixed; every number in benchmarks/results/dirty_pool.md comes from it)
    and seeds (pipeline.evaluate.paired_bootstrap); "> 2 std" = difference > 2 × the larger std; and how many planted
    duplicates, flipped labels and off-domain rows each step removed (and how many clean rows).
 
-Usage: ``nice -n 10 python benchmarks/dirty_pool.py`` (~10-15 min on 2 shared cores; the feature CNN is cached under
-benchmarks/.cache); ``--quick`` is a smoke configuration.
+Usage: ``nice -n 10 python benchmarks/dirty_pool.py`` (the feature CNN is cached under benchmarks/.cache; a full run has
+not yet completed on the shared machine: under load ~25 at nice 10 the filters took 17 min and the MLP trainings did not
+finish in the next 50); ``--quick`` is a smoke configuration (7 min under the same load).
 """
 from __future__ import annotations
 
