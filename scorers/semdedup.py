@@ -459,14 +459,16 @@ def split_giant_clusters(
 Eps = Between(0, 2)  # a cosine-distance threshold: 1 - similarity lies in [0, 2]
 
 
-@step("semdedup", reason="semdedup", exactly_one=(("eps", "target_keep_fraction"),),
+@step("semdedup", reason="semdedup", exactly_one=(("eps", "target_keep_of_entering"),),
+      renamed={"target_keep_fraction": "use target_keep_of_entering, a fraction of the rows entering this step "
+                                        "(keep_fraction elsewhere is a fraction of all rows)"},
       scores=(Score("score_semdedup", higher="more redundant"),),
       orientation="score_semdedup: max cosine similarity to a higher-ranked row of the same cluster; higher = more redundant")
 def step_semdedup(
     ctx: ScoringContext,
     *,
     eps: Eps | None = None,
-    target_keep_fraction: Fraction | None = None,
+    target_keep_of_entering: Fraction | None = None,
     eps_grid: list[Eps] | None = None,
     keep: Keep = "hard",
     batch_size: Count = 4096,
@@ -474,7 +476,7 @@ def step_semdedup(
     """SemDeDup inside each concept cluster on the rows still alive.
 
     One pass computes every row's max similarity to a higher-ranked row of its cluster; `eps` (or the eps
-    that reaches `target_keep_fraction` of the rows entering this step, solved exactly) decides, and the kept
+    that keeps `target_keep_of_entering` of the rows entering this step, solved exactly) decides, and the kept
     count for every eps of `eps_grid` goes to run.json. score_semdedup = that max similarity (NaN for the
     first-ranked row of a cluster): higher = more redundant.
     """
@@ -484,7 +486,7 @@ def step_semdedup(
     widest = [2.0] if eps is None else []
     result = _semdedup_fanned_out(ctx, emb, clusters, uids, eps=grid + widest, keep=keep, batch_size=batch_size)
     if eps is None:
-        eps = eps_for_keep_fraction(result.max_sim, target_keep_fraction)
+        eps = eps_for_keep_fraction(result.max_sim, target_keep_of_entering)
     is_dup = duplicate_mask(result.max_sim, eps)
     dup_local = result.dup_of_at(eps)
     n = len(ctx.uids)

@@ -192,6 +192,7 @@ class StepSpec:
     needs: frozenset[str]
     exactly_one: tuple[tuple[str, ...], ...]
     knobs: dict[str, inspect.Parameter]  # the keyword-only parameters, by name
+    renamed: dict[str, str] = field(default_factory=dict)  # old knob name → the one-line hint that refuses it
 
     @property
     def required(self) -> list[str]:
@@ -217,6 +218,7 @@ def step(
     scores: Sequence[Score] = (),
     needs: Sequence[str] = (),
     exactly_one: Sequence[Sequence[str]] = (),
+    renamed: dict[str, str] | None = None,
 ) -> Callable[[StepFn], StepFn]:
     """Registers a step adapter `fn(ctx, *, knobs...) -> StepOutput` under `name` (see the module docstring)."""
 
@@ -238,7 +240,8 @@ def step(
         if "targets" in needs and "target" not in knobs:
             raise ValueError(f"step {name}: a step that needs targets takes its source mapping as the knob `target`")
         spec = StepSpec(name=name, fn=fn, reason=reason, scores=tuple(scores), orientation=orientation,
-                        needs=frozenset(needs), exactly_one=tuple(tuple(g) for g in exactly_one), knobs=knobs)
+                        needs=frozenset(needs), exactly_one=tuple(tuple(g) for g in exactly_one), knobs=knobs,
+                        renamed=dict(renamed or {}))
         old = _REGISTRY.get(name)
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"two steps are named {name!r}: {old.fn.__module__}.{old.fn.__qualname__} and "
@@ -277,6 +280,8 @@ def validate_steps(steps: list[tuple[str, dict[str, Any]]]) -> None:
             raise ValueError(f"step {position}: unknown scorer {name!r}{_did_you_mean(name, steps_by_name)}; known: {sorted(steps_by_name)}")
         spec = steps_by_name[name]
         where = f"step {position} ({name})"
+        for old in sorted(set(knobs) & set(spec.renamed)):
+            raise ValueError(f"{where}: knob {old!r} was renamed: {spec.renamed[old]}")
         unknown = sorted(set(knobs) - set(spec.knobs))
         if unknown:
             hint = _did_you_mean(unknown[0], spec.knobs)

@@ -40,7 +40,7 @@ def _config(out: Path, root: Path, clip_files: dict[str, str], runner: dict) -> 
         "runner": runner,
         "steps": [
             {"scorer": "exact_dup"},
-            {"scorer": "semdedup", "target_keep_fraction": 0.8, "eps_grid": [0.001, 0.01, 0.1]},
+            {"scorer": "semdedup", "target_keep_of_entering": 0.8, "eps_grid": [0.001, 0.01, 0.1]},
             {"scorer": "dbp", "keep_fraction": 0.5},
             {"scorer": "prototype"},
         ],

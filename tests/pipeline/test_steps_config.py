@@ -127,9 +127,9 @@ def test_semdedup_then_dbp_compose_to_the_budget():
     assert np.isfinite(cols["score_dbp_cluster_complexity"][reason != "semdedup"]).all()
 
 
-def test_semdedup_target_keep_fraction_and_determinism():
-    a, _ = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_fraction": 0.8})])
-    b, notes = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_fraction": 0.8})])
+def test_semdedup_target_keep_of_entering_and_determinism():
+    a, _ = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_of_entering": 0.8})])
+    b, notes = run_steps(_clustered_ctx(), [("semdedup", {"target_keep_of_entering": 0.8})])
     assert abs((a["reason"] == None).sum() - 72) <= 2  # noqa: E711
     assert np.array_equal(a["reason"], b["reason"]) and np.array_equal(a["dup_of"], b["dup_of"])
     dropped = np.flatnonzero(a["reason"] == "semdedup")
