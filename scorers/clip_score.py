@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from scorers.arrays import encode_labels
 from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_rows, drop_by_score, scatter, step
 
 __all__ = ["clip_scores", "label_agreement", "AgreementResult", "PROMPT"]
@@ -110,7 +111,7 @@ def step_label_agreement(ctx: ScoringContext, *, top_k: Count = 1, prompt: str =
         raise ValueError(f"prompt must contain {{label}}, got {prompt!r}")
     rows, emb = alive_rows(ctx)
     labels = ctx.labels[rows]
-    classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    codes, classes = encode_labels(labels.astype(str))
     text = ctx.encode_text([prompt.format(label=c.replace("_", " ")) for c in classes])
     result = label_agreement(emb, text, codes, top_k=top_k)
     n = len(ctx.alive)

@@ -27,8 +27,9 @@ from typing import Literal
 
 import numpy as np
 
-from scorers.prototypes import _check_emb, check_cluster_ids, distance_to_centroid, unit_centroids
-from scorers.semdedup import Keep, _check_keep, _primary_key, _uid_ranks
+from scorers.arrays import check_emb, check_keep, rank_key, uid_ranks
+from scorers.prototypes import check_cluster_ids, distance_to_centroid, unit_centroids
+from scorers.semdedup import Keep
 from scorers.step import Between, Count, Fraction, NonNegativeInt, Positive, Score, ScoringContext, StepOutput, budget_for, scatter, step
 
 __all__ = ["ClusterComplexity", "cluster_complexity", "dbp_quotas", "dbp_select"]
@@ -57,7 +58,7 @@ class ClusterComplexity:
 def _shape(emb: np.ndarray | None, cluster_ids: np.ndarray, centroids: np.ndarray, given: np.ndarray | None) -> tuple[int, int]:
     """(n, d): from the embeddings, or, when only distances are given (emb=None), from the ids and centroids."""
     if emb is not None:
-        _check_emb(emb)
+        check_emb(emb)
         return emb.shape
     if given is None:
         raise ValueError("emb may be None only when dist_to_centroid is given")
@@ -247,7 +248,7 @@ def dbp_select(
     with ``uids`` the selection does not depend on row order. Vectorised (one sort), no per-cluster loop.
     Returns a bool keep mask (n,) with exactly ``quotas[j]`` True in cluster j.
     """
-    _check_keep(keep)
+    check_keep(keep)
     n, d = _shape(emb, cluster_ids, centroids, dist_to_centroid if keep != "random" else np.zeros(0))
     k = unit_centroids(centroids, d).shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
@@ -258,9 +259,9 @@ def dbp_select(
     if (q < 0).any() or (q > sizes).any():
         bad = np.flatnonzero((q < 0) | (q > sizes))
         raise ValueError(f"quotas must lie in [0, cluster size]; clusters {bad[:5].tolist()} violate it")
-    tie = _uid_ranks(uids, n) if uids is not None else np.arange(n, dtype=np.int64)
+    tie = uid_ranks(uids, n) if uids is not None else np.arange(n, dtype=np.int64)
     dist = _dist(emb, ids, centroids, dist_to_centroid) if keep != "random" else np.zeros(n)
-    visit = np.lexsort((tie, _primary_key(dist, tie, keep, seed), ids))
+    visit = np.lexsort((tie, rank_key(dist, tie, keep, seed), ids))
     starts = np.concatenate(([0], np.cumsum(sizes)))
     rank = np.empty(n, dtype=np.int64)
     rank[visit] = np.arange(n, dtype=np.int64) - np.repeat(starts[:-1], sizes)

@@ -47,6 +47,7 @@ from pydantic import Field
 import torch.nn.functional as F
 from torch import nn
 
+from scorers.arrays import encode_labels
 from scorers.device import select_device
 from scorers.select import RULES
 from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, budget_for, rule_knobs, scatter, select_among_alive, step
@@ -97,21 +98,6 @@ def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return assigned - other
 
 
-def encode_labels(labels: np.ndarray | Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Maps labels of any sortable type (ints, strings) to contiguous int64 codes ``0..C-1``.
-
-    Returns ``(codes, classes)`` with ``classes[codes] == labels``.
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-        raise ValueError("labels contain NaN or inf")
-    try:
-        classes, codes = np.unique(y, return_inverse=True)
-    except TypeError as exc:  # e.g. a mix of None, ints and strings
-        raise ValueError(f"labels must be all ints or all strings (sortable): {exc}") from exc
-    return codes.reshape(-1).astype(np.int64), classes
 
 
 def _seed_ints(seed: int, *keys: int) -> list[int]:

@@ -35,6 +35,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from scorers.arrays import check_emb, encode_labels, unit_rows
+from scorers.device import select_device
+
 from scorers.step import (
     Count, Fraction, NonNegative, Score, ScoringContext, SourceMapping, StepOutput, require_labels, scatter, select_among_alive, step,
     target_key,
@@ -143,12 +146,6 @@ class OTScores:
     target_points: np.ndarray | None = None  # the target rows g lives on (whitened), float32
 
 
-def _resolve_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _sq_dists(x: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -182,7 +179,7 @@ def c_transform(x: np.ndarray, target: np.ndarray, g: np.ndarray, *, eps: float,
         raise ValueError(f"cost_scale must be > 0, got {cost_scale}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    dev = _resolve_device(device)
+    dev = select_device(device)
     # fp64 on CPU (cheap there, and makes streamed == dense to round-off); fp32 on GPU where fp64 is slow.
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
     rows = max(1, min(chunk, _MAX_BLOCK_ELEMS // max(1, target.shape[0])))
@@ -239,11 +236,6 @@ def target_potential(pool_sample: np.ndarray, target: np.ndarray, *, eps: float,
     return f, g, info
 
 
-def _check_emb(name: str, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array [n, d], got shape {x.shape}")
-    return x
 
 
 def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05, whiten: bool = True,
@@ -261,8 +253,10 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
     mostly says how confidently the proxy head fits a row, not which domain it is from).
     """
     t0 = time.perf_counter()
-    pool_emb = _check_emb("pool_emb", pool_emb)
-    target_emb = _check_emb("target_emb", target_emb)
+    pool_emb = np.asarray(pool_emb)
+    check_emb(pool_emb, "pool_emb", non_empty=True)
+    target_emb = np.asarray(target_emb)
+    check_emb(target_emb, "target_emb", non_empty=True)
     if pool_emb.shape[1] != target_emb.shape[1]:
         raise ValueError(f"pool_emb has d={pool_emb.shape[1]} but target_emb has d={target_emb.shape[1]}")
     if sample_size < 2 or target_sample_size < 1:
@@ -283,8 +277,8 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
         pool_sample = wh.apply(pool_sample).astype(np.float64)
         tgt = wh.apply(tgt).astype(np.float64)
     if normalize:
-        pool_sample = _unit(pool_sample).astype(np.float64)
-        tgt = _unit(tgt).astype(np.float64)
+        pool_sample = unit_rows(pool_sample).astype(np.float64)
+        tgt = unit_rows(tgt).astype(np.float64)
     t1 = time.perf_counter()
     _, g, info = target_potential(pool_sample, tgt, eps=eps, num_iter=num_iter)
     t2 = time.perf_counter()
@@ -296,7 +290,7 @@ def ot_scores(pool_emb: np.ndarray, target_emb: np.ndarray, *, eps: float = 0.05
         if wh is not None:
             block = wh.apply(block, chunk=rows)
         if normalize:
-            block = _unit(block)
+            block = unit_rows(block)
         f = c_transform(block, tgt, g, eps=eps, cost_scale=info["cost_scale"], chunk=rows, device=device)
         scores[s:s + rows] = -f
     t3 = time.perf_counter()
@@ -342,9 +336,6 @@ class RatioEstimate:
         return int(self.selected.size)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _topk_per_target(pool_emb: np.ndarray, prep: Any, targets_u: np.ndarray, k_max: int, *, chunk: int,
@@ -353,7 +344,7 @@ def _topk_per_target(pool_emb: np.ndarray, prep: Any, targets_u: np.ndarray, k_m
     in chunks: memory ``(chunk + k_max) x |T|``, never ``N x |T|``. Returns (sims [k_max, |T|], idx [k_max, |T|])."""
     import torch
 
-    dev = _resolve_device(device)
+    dev = select_device(device)
     t = torch.as_tensor(targets_u, device=dev)
     best_v = best_i = None
     n = pool_emb.shape[0]
@@ -416,8 +407,10 @@ def estimate_selection_ratio(pool_emb: np.ndarray, target_emb: np.ndarray, *, k_
     pool (``k_max x |T|`` with ``k_max <= min(N, 2^25 / |T|, ceil(max_ratio N))``). Each distance uses at most
     ``subsample`` rows of the selection (seeded uniform draw). Costs ~ n_grid x k_folds exact OT solves.
     """
-    pool_emb = _check_emb("pool_emb", pool_emb)
-    target_emb = _check_emb("target_emb", target_emb)
+    pool_emb = np.asarray(pool_emb)
+    check_emb(pool_emb, "pool_emb", non_empty=True)
+    target_emb = np.asarray(target_emb)
+    check_emb(target_emb, "target_emb", non_empty=True)
     n, n_t = pool_emb.shape[0], target_emb.shape[0]
     if pool_emb.shape[1] != target_emb.shape[1]:
         raise ValueError(f"pool_emb has d={pool_emb.shape[1]} but target_emb has d={target_emb.shape[1]}")
@@ -440,7 +433,7 @@ def estimate_selection_ratio(pool_emb: np.ndarray, target_emb: np.ndarray, *, k_
         wh = fit_whitening(joint, method=whitening_method, ridge=ridge)
 
     def prep(x: np.ndarray) -> np.ndarray:
-        return _unit(wh.apply(x) if wh is not None else np.asarray(x, dtype=np.float32))
+        return unit_rows(wh.apply(x) if wh is not None else np.asarray(x, dtype=np.float32))
 
     target_u = prep(target_emb)
     k_max = max(1, min(n, _MAX_BLOCK_ELEMS // n_t, math.ceil(max_ratio * n)))
@@ -513,11 +506,9 @@ def fit_proxy_head(emb: np.ndarray, labels: np.ndarray, *, sample_size: int = 50
     """Trains the proxy linear softmax head (Adam, seeded) on a seeded sample of (embedding, label) rows."""
     import torch
 
-    emb = _check_emb("emb", emb)
-    labels = np.asarray(labels)
-    if labels.shape != (emb.shape[0],):
-        raise ValueError(f"labels must have shape ({emb.shape[0]},), got {labels.shape}")
-    classes, codes = np.unique(labels, return_inverse=True)
+    emb = np.asarray(emb)
+    check_emb(emb, "emb", non_empty=True)
+    codes, classes = encode_labels(labels, emb.shape[0])
     if classes.size < 2:
         raise ValueError("the proxy head needs at least two label values")
     rng = np.random.default_rng(seed)
@@ -555,7 +546,8 @@ def gradient_features(emb: np.ndarray, head: ProxyHead, labels: np.ndarray | Non
     the usual choice of gradient-based selectors when the target is unlabelled); labels outside the head's classes
     raise. Returns float32 [n, grad_dim].
     """
-    emb = _check_emb("emb", emb)
+    emb = np.asarray(emb)
+    check_emb(emb, "emb", non_empty=True)
     if grad_dim < 1:
         raise ValueError(f"grad_dim must be >= 1, got {grad_dim}")
     n_cls, d1 = head.weight.shape

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from scorers.arrays import check_emb
 from scorers.device import select_device
 from scorers.step import Fraction, Score, ScoringContext, StepOutput, select_among_alive, step
 
@@ -64,13 +65,6 @@ def fp32_matmul() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
 
 
-def _check_emb(emb: np.ndarray, name: str = "emb") -> None:
-    # a numpy array, a memmap, or a lazy row view (pipeline.rows.StoreRows): anything 2-D that slices into arrays
-    if getattr(emb, "ndim", None) != 2 or not hasattr(emb, "__getitem__") or not hasattr(emb, "dtype"):
-        raise ValueError(f"{name} must be a 2-D array (rows = samples), got {type(emb).__name__} "
-                         f"with shape {getattr(emb, 'shape', None)}")
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point (float16 / float32), got dtype {emb.dtype}")
 
 
 def _unit_rows64(x: np.ndarray, name: str) -> np.ndarray:
@@ -85,7 +79,7 @@ def _unit_rows64(x: np.ndarray, name: str) -> np.ndarray:
 
 def unit_centroids(centroids: np.ndarray, dim: int) -> np.ndarray:
     """Validate centroids (k x dim) and return them unit-normalised in float64 (faiss spherical k-means already is)."""
-    _check_emb(centroids, "centroids")
+    check_emb(centroids, "centroids")
     if centroids.shape[1] != dim:
         raise ValueError(f"centroids have dimension {centroids.shape[1]}, embeddings have {dim}")
     if centroids.shape[0] == 0:
@@ -113,7 +107,7 @@ def distance_to_centroid(emb: np.ndarray, cluster_ids: np.ndarray, centroids: np
     ``np.einsum`` (no BLAS), whose per-row result does not depend on where the row sits or on its memory alignment:
     identical rows give bit-identical distances, which the uid tie-breaks rely on. Returns float32 (n,), in [0, 2].
     """
-    _check_emb(emb)
+    check_emb(emb)
     n, d = emb.shape
     mu = unit_centroids(centroids, d).astype(np.float32)
     ids = check_cluster_ids(cluster_ids, n, mu.shape[0])
@@ -140,7 +134,7 @@ def nearest_centroid(
     Rows and centroids are unit-normalised; products in fp32 on ``device`` (TF32 off), ``batch_size`` rows at a time.
     Returns (int64 indices, float32 similarities), shape (n,) each.
     """
-    _check_emb(emb)
+    check_emb(emb)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, d = emb.shape

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from scorers.arrays import encode_labels, unit_rows
 from scorers.device import select_device
 from scorers.select import class_median_distance, proportional_budgets, select
 from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, step
@@ -95,26 +96,12 @@ def _pos_int(name: str, v: Any, *, low: int = 1) -> int:
     return int(v)
 
 
-def _label_codes(name: str, labels: Any, n: int, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {y.shape}")
-    if classes is None:
-        classes, codes = np.unique(y, return_inverse=True)
-        return codes.reshape(-1).astype(np.int64), classes
-    pos = np.searchsorted(classes, y)
-    pos = np.clip(pos, 0, classes.shape[0] - 1)
-    codes = np.where(classes[pos] == y, pos, -1).astype(np.int64)
-    return codes, classes
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    a = _f32(x)
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,7 +248,7 @@ def meta_weight_net_weights(
     for name, v in (("lr", lr), ("meta_lr", meta_lr)):
         if not (isinstance(v, numbers.Real) and v > 0):
             raise ValueError(f"{name} must be > 0, got {v!r}")
-    codes_all, classes = _label_codes("labels", labels, n)
+    codes_all, classes = encode_labels(labels, n, name="labels")
     x = np.asarray(x_all[idx], dtype=np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError("emb has NaN or inf in coreset rows")
@@ -408,7 +395,7 @@ def propagate_weights(
         float64 ``[n]``, not yet normalised (see :func:`normalise_weights`).
     """
     cemb = _f32(_matrix("coreset_emb", coreset_emb))
-    prep = _unit if cosine else _f32
+    prep = unit_rows if cosine else _f32
     cemb = prep(cemb)
     m, d = cemb.shape
     if m == 0:
@@ -436,8 +423,8 @@ def propagate_weights(
 
     if labels is None or coreset_labels is None:
         raise ValueError("same_class=True needs labels= and coreset_labels=")
-    ccodes, classes = _label_codes("coreset_labels", coreset_labels, m)
-    codes, _ = _label_codes("labels", labels, n, classes)
+    ccodes, classes = encode_labels(coreset_labels, m, name="coreset_labels")
+    codes, _ = encode_labels(labels, n, name="labels", classes=classes)
     if np.any(codes < 0):
         missing = np.unique(np.asarray(labels)[codes < 0])[:5]
         raise ValueError(f"labels {missing.tolist()} have no coreset sample; same_class propagation needs one per "
@@ -615,12 +602,12 @@ def facility_location(
         raise ValueError(f"budget must be in [1, n={n}], got {budget}")
     batch = _pos_int("batch", batch)
     chunk = _pos_int("chunk", chunk)
-    u = _unit(x)
+    u = unit_rows(x)
     if labels is None:
         groups = [np.arange(n)]
         budgets = np.array([budget])
     else:
-        codes, classes = _label_codes("labels", labels, n)
+        codes, classes = encode_labels(labels, n, name="labels")
         groups = [np.flatnonzero(codes == c) for c in range(classes.shape[0])]
         budgets = proportional_budgets(np.array([g.size for g in groups]), budget)
     idx_parts, w_parts = [], []
@@ -705,7 +692,7 @@ def coreset_reweight(
     if not 0 < coreset_fraction <= 1:
         raise ValueError(f"coreset_fraction must be in (0, 1], got {coreset_fraction}")
     rows = np.flatnonzero(kept)
-    unit = _unit(x)
+    unit = unit_rows(x)
     sel = select(None, keep_fraction=coreset_fraction, rule="moderate", labels=y[rows], embeddings=unit[rows],
                  seed=seed)
     core = rows[np.flatnonzero(sel.keep)]

@@ -42,6 +42,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from scorers.arrays import encode_labels
+
 __all__ = [
     "Selection",
     "select",
@@ -134,7 +136,7 @@ def class_median_distance(embeddings: np.ndarray, labels: np.ndarray | None = No
     if not np.all(np.isfinite(emb)):
         raise ValueError("embeddings contain NaN or inf")
     n = emb.shape[0]
-    codes = np.zeros(n, dtype=np.int64) if labels is None else _codes(labels, n)[0]
+    codes = np.zeros(n, dtype=np.int64) if labels is None else encode_labels(labels, n)[0]
     out = np.empty(n, dtype=np.float64)
     for rows in _groups(codes):
         if rows.shape[0] == 0:
@@ -144,17 +146,6 @@ def class_median_distance(embeddings: np.ndarray, labels: np.ndarray | None = No
     return out
 
 
-def _codes(labels: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {y.shape}")
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-        raise ValueError("labels contain NaN or inf")
-    try:
-        classes, codes = np.unique(y, return_inverse=True)
-    except TypeError as exc:
-        raise ValueError(f"labels must be all ints or all strings (sortable): {exc}") from exc
-    return codes.reshape(-1).astype(np.int64), classes
 
 
 def _groups(codes: np.ndarray, n_groups: int | None = None) -> list[np.ndarray]:
@@ -318,7 +309,7 @@ def select(
     codes: np.ndarray | None = None
     classes: np.ndarray | None = None
     if labels is not None:
-        codes, classes = _codes(labels, n)
+        codes, classes = encode_labels(labels, n)
 
     # Resolve "heuristic".
     resolved = rule

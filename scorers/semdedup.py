@@ -30,11 +30,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from scorers.arrays import check_emb, check_keep, rank_key, uid_ranks
 from scorers.device import select_device
 from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_view, scatter, step
 
 from scorers.prototypes import (
-    _check_emb,
     check_cluster_ids,
     distance_to_centroid,
     fp32_matmul,
@@ -96,38 +96,10 @@ def _check_eps(eps: float) -> float:
     return e
 
 
-def _check_keep(keep: str) -> None:
-    if keep not in ("hard", "easy", "random"):
-        raise ValueError(f"keep must be 'hard', 'easy' or 'random', got {keep!r}")
 
 
-def _uid_ranks(uids: np.ndarray | Sequence[str], n: int) -> np.ndarray:
-    """Rank of every uid in string order (int64); duplicate uids are an error that names them."""
-    u = np.asarray(uids)
-    if u.shape != (n,):
-        raise ValueError(f"uids must have shape ({n},), got {u.shape}")
-    if u.dtype == object:
-        u = u.astype(str)  # fixed-width unicode sorts far faster than Python objects
-    order = np.argsort(u, kind="stable")
-    su = u[order]
-    same = su[1:] == su[:-1]
-    if same.any():
-        dups = np.unique(su[1:][same])
-        raise ValueError(f"uids must be unique; {len(dups)} repeated, e.g. {dups[:5].tolist()}")
-    ranks = np.empty(n, dtype=np.int64)
-    ranks[order] = np.arange(n, dtype=np.int64)
-    return ranks
 
 
-def _primary_key(dist: np.ndarray, uid_rank: np.ndarray, keep: str, seed: int) -> np.ndarray:
-    """Sort key (ascending = ranked first) before the uid tie-break."""
-    if keep == "hard":
-        return -np.asarray(dist, dtype=np.float64)
-    if keep == "easy":
-        return np.asarray(dist, dtype=np.float64)
-    # A seeded permutation of uid order: independent of row order, so shards read in any order rank alike.
-    perm = np.random.default_rng(seed).permutation(len(uid_rank))
-    return perm[uid_rank]
 
 
 def rank_in_cluster(
@@ -143,12 +115,12 @@ def rank_in_cluster(
     "random": a permutation seeded by ``seed`` of the items in uid order. Ties (equal distances, e.g. exact
     duplicates) are broken by uid in string order, so the result is deterministic and does not depend on row order.
     """
-    _check_keep(keep)
+    check_keep(keep)
     dist = np.asarray(dist_to_centroid, dtype=np.float64)
     if dist.ndim != 1:
         raise ValueError(f"dist_to_centroid must be 1-D, got shape {dist.shape}")
-    uid_rank = _uid_ranks(uids, len(dist))
-    return np.lexsort((uid_rank, _primary_key(dist, uid_rank, keep, seed))).astype(np.int64)
+    uid_rank = uid_ranks(uids, len(dist))
+    return np.lexsort((uid_rank, rank_key(dist, uid_rank, keep, seed))).astype(np.int64)
 
 
 def _check_order(order: np.ndarray, n: int) -> np.ndarray:
@@ -250,7 +222,7 @@ def semdedup_cluster(
     Item j is a duplicate at eps iff ``max_sim[j] > 1 - eps`` (compared against all earlier items, dropped or not).
     Memory O(batch_size x row tile), time O(n² d / 2); never an n x n matrix.
     """
-    _check_emb(emb)
+    check_emb(emb)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = emb.shape[0]
@@ -296,8 +268,8 @@ def semdedup(
     memory at any cluster size; only time grows (n²/2 dot products). See :func:`split_giant_clusters` for trading
     a little recall for time. Orientation and rule: see the module docstring.
     """
-    _check_emb(emb)
-    _check_keep(keep)
+    check_emb(emb)
+    check_keep(keep)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eps_list = [_check_eps(e) for e in ([eps] if np.ndim(eps) == 0 else list(np.ravel(eps)))]
@@ -307,9 +279,9 @@ def semdedup(
     mu = unit_centroids(centroids, d)
     k = mu.shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
-    uid_rank = _uid_ranks(uids, n)
+    uid_rank = uid_ranks(uids, n)
     dev = select_device(device)
-    rand_key = _primary_key(np.zeros(n), uid_rank, "random", seed) if keep == "random" else None
+    rand_key = rank_key(np.zeros(n), uid_rank, "random", seed) if keep == "random" else None
 
     # Rows grouped by cluster, in uid order inside each group: a canonical order that does not depend on how the
     # rows were laid out, so every float computed below is bit-identical under any row permutation.
@@ -424,14 +396,14 @@ def split_giant_clusters(
     """
     import faiss  # local import: only this optional path needs faiss
 
-    _check_emb(emb)
+    check_emb(emb)
     if max_cluster_size < 1:
         raise ValueError(f"max_cluster_size must be >= 1, got {max_cluster_size}")
     n, d = emb.shape
     cent = unit_centroids(centroids, d).astype(np.float32)
     k = cent.shape[0]
     ids = check_cluster_ids(cluster_ids, n, k)
-    uid_rank = _uid_ranks(uids, n) if uids is not None else np.arange(n, dtype=np.int64)
+    uid_rank = uid_ranks(uids, n) if uids is not None else np.arange(n, dtype=np.int64)
     new_ids = ids.copy()
     new_cent = [cent]
     next_id = k

@@ -163,7 +163,8 @@ def test_otm_ratio_lands_near_the_known_in_domain_share(share: float) -> None:
 
 
 def test_otm_topk_stream_equals_dense_and_first_increase_stops_early() -> None:
-    from scorers.ot_select import _topk_per_target, _unit
+    from scorers.arrays import unit_rows as _unit
+    from scorers.ot_select import _topk_per_target
 
     rng = np.random.default_rng(14)
     pool = rng.normal(size=(700, 6)).astype(np.float32)
