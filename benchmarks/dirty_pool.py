@@ -259,7 +259,7 @@ def winnow_select(pool: dict[str, Any], unit: np.ndarray, alive: np.ndarray, bud
                   p: Protocol, el2n: np.ndarray) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Budgeted selection by evidence among the alive rows (one subset per seed: CCS and random draw per seed)."""
     from pipeline.evaluate import choose_rule
-    from pipeline.select import select
+    from scorers.select import select
 
     rows = np.flatnonzero(alive)
     if budget >= len(rows):
@@ -328,7 +328,7 @@ def run(p: Protocol, fractions: list[float], seeds: list[int]) -> dict[str, Any]
     el2n[rows] = el2n_embedding_scores(unit[rows], pool["y"][rows], n_seeds=2, n_folds=3, seed=p.seed).el2n
     filter_seconds = time.perf_counter() - t
 
-    from pipeline.select import select
+    from scorers.select import select
 
     mu, sd = feat.mean(0), feat.std(0) + 1e-6
     feat_t = torch.from_numpy(((feat - mu) / sd).astype(np.float32))
