@@ -1,34 +1,64 @@
-"""`winnow` command line: run, deploy, demo, report, validate, summary, distill, evaluate."""
+"""`winnow` command line: run, deploy, demo, report, validate, summary, distill, evaluate.
+
+Heavy modules (torch, open_clip, Prefect) are imported inside the commands, after the config and the source have been
+checked: a config error is reported in well under a second, before any server starts.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("winnow")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml
+
+    from pipeline.config import ConfigError
 
     overrides: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE (dotted keys, e.g. index.k=50), got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE (dotted keys, e.g. index.k=50 or steps.1.keep_fraction=0.3), got {pair!r}")
         key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            overrides[key] = value  # not YAML: the literal text
     return overrides
+
+
+def polars_one_liner(manifest_path: Path) -> str:
+    """A shell command that prints the manifest's rows per reason; quoted for the shell the user is in."""
+    code = f"import polars as pl; print(pl.read_parquet({json.dumps(str(manifest_path))}).group_by(\"reason\").len())"
+    python = "python" if os.environ.get("VIRTUAL_ENV") else shlex.quote(sys.executable)
+    return f"{python} -c {shlex.quote(code)}"
 
 
 def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
     """The human summary of a run: counts per stage and reason, time per stage, where the manifest is."""
     counts = info["counts"]
-    lines = [f"winnow run '{info['config']['name']}' — embedder: {info['config']['embed']['kind']}"]
+    config = info.get("config") or {}
+    embed = (config.get("embed") or {}).get("kind", "?")
+    lines = [f"winnow run '{config.get('name', Path(manifest_path).parent.name)}' — embedder: {embed}"]
     lines.append(f"  samples: {counts['samples']}   kept: {counts['kept']} ({counts['kept'] / max(counts['samples'], 1):.1%})")
-    lines.append("  store status: " + ", ".join(f"{k}={v}" for k, v in counts.get("store_status", {}).items()))
+    if counts.get("store_status"):
+        lines.append("  store status: " + ", ".join(f"{k}={v}" for k, v in counts["store_status"].items()))
     if counts.get("embed_shards_skipped"):
         lines.append(f"  embed shards reused from an earlier run: {counts['embed_shards_skipped']}")
+<<<<<<< HEAD
     lines.append("  steps:")
     for note in info["steps"]:
         lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
@@ -39,26 +69,143 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
         shown = ", ".join(f"{f['path']} ({f['why']})" for f in unlisted["folders"][:5])
         lines.append(f"  warning: {unlisted['count']} folder(s) of the source could not be listed, their images are not in "
                      f"the manifest: {shown}{' ...' if unlisted['count'] > 5 else ''}")
+=======
+    if info.get("steps"):
+        lines.append("  steps:")
+        for note in info["steps"]:
+            lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
+    if counts.get("by_reason"):
+        lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
+    if info.get("timings_s"):
+        lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
+>>>>>>> f3034d1 (First use (#19): one-line config errors (YAML syntax with line/column, non-text file, pydantic errors with the closest key), --set indexes into lists, relative paths against the config's folder, checks before heavy imports and before the server (source, step budgets, split-like labels warning, offline pretrained weights), stage progress into Prefect logs with quiet task lines (-v), Ctrl-C one line with finished shards, a watchdog that ends a killed run's processes, distill summary/report, --version, a shell-safe Polars one-liner)
     if "evaluation" in info:
         from pipeline.evaluate import format_evaluation
 
         lines.append("  " + format_evaluation(info["evaluation"]).replace("\n", "\n  "))
     lines.append(f"  manifest: {manifest_path}")
-    lines.append(f"  query it: python -c \"import polars as pl; print(pl.read_parquet('{manifest_path}').group_by('reason').len())\"")
+    lines.append(f"  query it: {polars_one_liner(manifest_path)}")
     return "\n".join(lines)
 
 
+def format_distill_summary(info: dict[str, Any], manifest_path: Path) -> str:
+    """The human summary of a distill run (run.json written by `winnow distill`)."""
+    config = (info.get("config") or {}).get("distill") or {}
+    counts = info.get("counts") or {}
+    lines = [
+        f"winnow distill '{config.get('name', Path(manifest_path).parent.name)}' — {info.get('method', config.get('method', '?'))}, "
+        f"{counts.get('synthetic', '?')} synthetic samples ({counts.get('ipc', config.get('ipc', '?'))} per class)"
+    ]
+    for key, value in (info.get("evaluation") or {}).items():
+        if isinstance(value, dict) and "mean" in value:
+            lines.append(f"  {key:<12} test accuracy {100 * value['mean']:.2f} ± {100 * value.get('std', 0):.2f} (n={value.get('n', '?')})")
+    if info.get("timings_s"):
+        lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
+    lines.append(f"  manifest: {manifest_path}")
+    lines.append(f"  query it: {polars_one_liner(manifest_path)}")
+    return "\n".join(lines)
+
+
+def warn(message: str) -> None:
+    print(f"winnow: warning: {message}", file=sys.stderr)
+
+
+def preflight(cfg: Any) -> None:
+    """Checks what can be checked before any heavy import or server start: the sources open, the step budgets fit
+    together, labels that look like split names (a warning), and the embedder's weights are at hand."""
+    from pipeline.config import check_step_fractions, split_like_labels
+    from pipeline.sources import source_from_config
+
+    check_step_fractions(cfg)
+    source_from_config(cfg.source.arguments())  # a missing root, table or shard pattern fails here, in one line
+    for position, step in enumerate(cfg.steps):
+        target = step.knobs().get("target")
+        if isinstance(target, dict):
+            try:
+                source_from_config(dict(target))
+            except ValueError as exc:
+                raise type(exc)(f"step {position} ({step.scorer}): target: {exc}") from None
+    folders = split_like_labels(cfg.source.arguments())
+    if folders:
+        split = next((f for f in folders if f.lower().startswith("train")), folders[0])
+        warn(
+            f"the folders under source.root ({', '.join(folders)}) look like split names, and would become the labels; "
+            f"set source.split: {split} to read {split}/<class>/ below it (labels = class folders), "
+            "or labels_from_subfolders: false for no labels"
+        )
+    check_weights(cfg)
+
+
+def check_weights(cfg: Any) -> None:
+    """The CLIP weights the config asks for are a local file or in the cache (or downloadable), before anything starts."""
+    e = cfg.embed
+    if e.kind != "clip":
+        return
+    if e.checkpoint is not None:
+        if not Path(e.checkpoint).expanduser().is_file():
+            raise FileNotFoundError(f"embed.checkpoint {e.checkpoint} is not a file")
+        return
+    if not e.pretrained or e.model.startswith(("hf-hub:", "local-dir:")):
+        return
+    from pipeline.embed.clip import WeightsUnavailableError, _resolve_pretrained
+
+    try:
+        _resolve_pretrained(e.model, e.pretrained, cache_dir=None, probe_timeout=5.0)
+    except WeightsUnavailableError as exc:
+        raise ValueError(
+            f"embed.pretrained {e.pretrained!r} of embed.model {e.model!r}: {str(exc).split('. The file is')[0]}; "
+            "set embed.checkpoint: /path/to/weights (a local open_clip checkpoint; README 'First run on your own images'), "
+            "or embed.pretrained: null for random weights, or embed.kind: pixels"
+        ) from None
+
+
+def _finished_shards(cfg: Any) -> str:
+    """'N of M embedding shards' finished in the run's store (for the Ctrl-C message)."""
+    try:
+        from pipeline.store import EmbeddingStore
+
+        store = EmbeddingStore(cfg.store_path)
+        done = len(store.done_shards())
+        total = store.info().n_shards
+        return f"{done} of {total} embedding shards are finished"
+    except Exception:  # noqa: BLE001 - no store yet (stopped before embedding) or an unreadable one
+        return "no embedding shard was finished"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.curate import run_curate
     from pipeline.config import load_config
 
     cfg = load_config(args.config, _parse_overrides(args.set))
-    info = run_curate(cfg.model_dump(mode="json"))
+    preflight(cfg)
+    from pipeline.reaper import start_watchdog
+
+    start_watchdog()  # ends the temporary Prefect server and workers if this process is killed
+    _quiet_prefect(args.verbose)
+    from flows.curate import run_curate
+
+    try:
+        info = run_curate(cfg.model_dump(mode="json"))
+    except KeyboardInterrupt:
+        print(
+            f"\nwinnow: stopped; {_finished_shards(cfg)}. Rerun the same command to resume: finished shards are reused.",
+            file=sys.stderr,
+        )
+        return 130
     print(format_summary(info, cfg.run_dir / "manifest.parquet"))
     return 0
 
 
+def _quiet_prefect(verbose: bool) -> None:
+    """Per-task state lines ("Finished in state Completed()") only with -v; warnings and errors always."""
+    from flows.console import setup_console
+
+    setup_console(verbose=verbose)
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    load_config(args.config)  # config errors in one line, before Prefect is imported
     from flows.deploy import serve_curate
 
     serve_curate(args.config, cron=args.cron, name=args.name, dry_run=args.dry_run)
@@ -91,24 +238,36 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline.manifest import manifest_parts, read_run_info
 
     info = read_run_info(args.run_dir)
+<<<<<<< HEAD
     manifest_parts(args.run_dir)  # parts that disagree with the manifest's index are an error, not a summary
     print(json.dumps(info, indent=2) if args.json else format_summary(info, Path(args.run_dir) / "manifest.parquet"))
+=======
+    manifest = Path(args.run_dir) / "manifest.parquet"
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif info.get("kind") == "distill":
+        print(format_distill_summary(info, manifest))
+    else:
+        print(format_summary(info, manifest))
+>>>>>>> f3034d1 (First use (#19): one-line config errors (YAML syntax with line/column, non-text file, pydantic errors with the closest key), --set indexes into lists, relative paths against the config's folder, checks before heavy imports and before the server (source, step budgets, split-like labels warning, offline pretrained weights), stage progress into Prefect logs with quiet task lines (-v), Ctrl-C one line with finished shards, a watchdog that ends a killed run's processes, distill summary/report, --version, a shell-safe Polars one-liner)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from flows.distill import distill
-    from pipeline.distill import load_distill_config
+    from pipeline.config import load_validated
 
-    cfg = load_distill_config(args.config, _parse_overrides(args.set))
+    # the config's own fields are checked before torch is imported (pipeline.distill imports it)
+    from pipeline.distill import DistillConfig
+
+    cfg = load_validated(DistillConfig, args.config, _parse_overrides(args.set))
+    from pipeline.reaper import start_watchdog
+
+    start_watchdog()
+    _quiet_prefect(args.verbose)
+    from flows.distill import distill
+
     info = distill(config=cfg.model_dump(mode="json"))
-    ev = info.get("evaluation", {})
-    print(f"winnow distill '{cfg.name}': {info['method']}, {info['counts']['synthetic']} synthetic samples "
-          f"({cfg.ipc} per class) in {cfg.run_dir}")
-    for key in ("synthetic", "random_real"):
-        if key in ev:
-            print(f"  {key:<12} test accuracy {100 * ev[key]['mean']:.2f} ± {100 * ev[key]['std']:.2f} (n={ev[key]['n']})")
-    print(f"  manifest: {cfg.run_dir / 'manifest.parquet'}")
+    print(format_distill_summary(info, cfg.run_dir / "manifest.parquet"))
     return 0
 
 
@@ -131,16 +290,30 @@ def _fractions(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+class _VersionAction(argparse.Action):
+    """--version, reading the installed version only when asked (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"winnow {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winnow",
         description="Dataset curation and data pruning: embed images, cluster them, score and prune, write a Parquet manifest.",
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the curate flow on a YAML config (Prefect's local server, no setup needed)")
-    run.add_argument("config", help="path to the YAML config (see README 'Configuration')")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set index.k=50")
+    run.add_argument("config", help="path to the YAML config (see README 'Configuration'); relative paths in it are relative to its folder")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set index.k=50 or --set steps.2.keep_fraction=0.3")
+    run.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task state lines")
     run.set_defaults(fn=cmd_run)
 
     deploy = sub.add_parser("deploy", help="serve the curate flow on a cron schedule (needs a Prefect server: PREFECT_API_URL)")
@@ -166,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="synthesise a small training set (DM, DM+flip, NCFM-style CF) and evaluate it")
     distill.add_argument("config", help="path to the distill YAML config (see README 'Dataset distillation')")
     distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set ipc=1")
+    distill.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task state lines")
     distill.set_defaults(fn=cmd_distill)
 
     evaluate = sub.add_parser("evaluate", help="measure a run's selection against random subsets of the same size (probes on its embeddings)")
@@ -177,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
     evaluate.set_defaults(fn=cmd_evaluate)
 
-    summary = sub.add_parser("summary", help="print the summary of a finished run")
+        summary = sub.add_parser("summary", help="print the summary of a finished run (curate or distill)")
     summary.add_argument("run_dir")
     summary.add_argument("--json", action="store_true", help="print run.json as is")
     summary.set_defaults(fn=cmd_summary)
@@ -192,8 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         # Config, source, budget and schema errors carry messages meant for the user; no traceback wall.
         if os.environ.get("WINNOW_DEBUG"):
             raise
-        print(f"winnow: error: {exc}  (WINNOW_DEBUG=1 shows the traceback)", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"winnow: error: {message}  (WINNOW_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nwinnow: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

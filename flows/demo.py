@@ -55,7 +55,8 @@ def run_demo(out: Path) -> tuple[dict, Path]:
     n = write_digits(out / "digits")
     config = demo_config(out)
     config_path = out / "digits-demo.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # the file's paths are relative to its own folder (how `winnow run` reads them), so it runs from any directory
+    config_path.write_text(yaml.safe_dump(demo_config(Path(".")), sort_keys=False))
     print(f"demo: {n} digit images in {out / 'digits'}; embedder: pixels (model-free, no weights needed)")
     print(f"demo: config written to {config_path}; the same run is `winnow run {config_path}`")
     info = run_curate(config)

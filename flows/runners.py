@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import RunnerConfig
+from pipeline.progress import counted_fan_out
 
 
 def make_task_runner(runner: RunnerConfig) -> Any:
@@ -109,7 +110,12 @@ def fan_out_call(fn: Callable[..., Any], call: Opaque) -> Any:
 
 
 def prefect_fan_out(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
-    """Submits fn(**call) for every call to the flow's task runner and returns the results in order."""
+    """Submits fn(**call) for every call to the flow's task runner and returns the results in order, with one
+    progress display for the whole fan-out (pipeline/progress.py)."""
+    return counted_fan_out(fn, calls, _submit_all)
+
+
+def _submit_all(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
     name = fn.__name__
     futures = [
         fan_out_call.with_options(task_run_name=f"{name}-{i}").submit(fn, Opaque(call)) for i, call in enumerate(calls)

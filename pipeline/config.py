@@ -147,30 +147,188 @@ class CurateConfig(Strict):
         return self.store_dir if self.store_dir is not None else self.run_dir / "store"
 
 
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message is one line naming the file and the key."""
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CurateConfig:
-    """Reads a YAML config; relative paths inside it stay relative to the current directory."""
-    return CurateConfig.model_validate(read_yaml_mapping(path, overrides))
+    """Reads a YAML config. Relative paths in the file resolve against the file's folder; `--set` values
+    (overrides) against the current directory. A bad file or value is a one-line ConfigError."""
+    return load_validated(CurateConfig, path, overrides)
+
+
+def load_validated(model: type[BaseModel], path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """`model` validated from a YAML file with overrides; ValidationError becomes a one-line ConfigError."""
+    from pydantic import ValidationError
+
+    raw = read_yaml_mapping(path, overrides)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config {path}: {describe_validation_error(exc, model)}") from None
 
 
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A YAML config file as a mapping, with `--set` overrides (dotted keys) applied; validation is the caller's."""
+    """A YAML config file as a mapping, relative paths resolved against its folder, with `--set` overrides
+    (dotted keys; a number indexes a list, e.g. steps.2.keep_fraction) applied; validation is the caller's."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give the YAML file")
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data[:8192]:
+            raise UnicodeDecodeError("utf-8", data[:1], 0, 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text file (a YAML config is expected)") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a mapping at the top level")
+        raise ConfigError(f"config {path} must hold a mapping at the top level (key: value lines), found {type(raw).__name__}")
+    resolve_relative_paths(raw, path.parent)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return raw
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML parse error as 'line L, column C: problem' (PyYAML's marks are 0-based)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}YAML syntax error: {problem}"
+
+
+# Keys of a source mapping (the config's `source`, a step's `target`) and of the config itself that hold local paths.
+SOURCE_PATH_KEYS = ("root", "path", "urls", "emb_paths", "meta_paths")
+CONFIG_PATH_KEYS = {"store_dir": None, "output_root": None, "embed": ("checkpoint", "model_config_file"), "data": ("root",)}
+
+
+def _resolved(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolved(v, base) for v in value]
+    if not isinstance(value, str) or not value or "://" in value or value.startswith(("pipe:", "~")):
+        return value
+    return value if Path(value).is_absolute() else str(base / value)
+
+
+def resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    """Makes the local paths of a config mapping absolute against `base` (the config file's folder), in place.
+
+    URLs (scheme://), `pipe:` commands and `~` paths are left as they are; so are keys the file does not set
+    (defaults such as output_root stay relative to the current directory).
+    """
+    base = base.resolve()
+    for key, inner in CONFIG_PATH_KEYS.items():
+        if key not in raw:
+            continue
+        if inner is None:
+            raw[key] = _resolved(raw[key], base)
+        elif isinstance(raw[key], dict):
+            for sub in inner:
+                if sub in raw[key]:
+                    raw[key][sub] = _resolved(raw[key][sub], base)
+    sources = [raw.get("source")] + [s.get("target") for s in raw.get("steps") or [] if isinstance(s, dict)]
+    for source in sources:
+        if isinstance(source, dict):
+            for key in SOURCE_PATH_KEYS:
+                if key in source:
+                    source[key] = _resolved(source[key], base)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
+    """Sets tree[a][b]... for 'a.b...'; a number indexes into a list (steps.2.keep_fraction)."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}: empty key in the dotted path")
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "the config"
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.lstrip("-").isdigit():
+                raise ConfigError(f"--set {dotted}: {where} is a list; index it with a number (0..{len(node) - 1})")
+            index = int(key)
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"--set {dotted}: {where} has {len(node)} entries (indexes 0..{len(node) - 1})")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"--set {dotted}: {where} is {node!r}, not a section or a list")
+
+
+def describe_validation_error(exc: Any, model: type[BaseModel]) -> str:
+    """pydantic's ValidationError as one line: each problem's dotted key, what is wrong, and for an unknown key
+    the closest accepted one."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(x) for x in err.get("loc", ())]
+        message = str(err.get("msg", "invalid"))
+        if message.startswith(("Value error, ", "Assertion failed, ")):
+            message = message.split(", ", 1)[1]
+        kind = err.get("type")
+        if kind == "extra_forbidden":
+            message = "unknown key" + _suggest(model, err["loc"])
+        elif kind == "missing":
+            message = "required key is missing"
+        elif "input" in err and kind not in ("value_error", "assertion_error") and not isinstance(err["input"], (dict, list)):
+            message += f", got {err['input']!r}"
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    shown = parts[:3]
+    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
+    return "; ".join(shown) + more
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The fields of the (nested) model at `loc`, following model fields and list items; None when unknown."""
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            args = [a for a in typing.get_args(current)]
+            current = args[0] if args else None
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        # unwrap Optional[...] / X | None
+        args = [a for a in typing.get_args(current) if a is not type(None)]
+        if typing.get_origin(current) is not list and len(args) == 1:
+            current = args[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return dict(current.model_fields)
+    return None
+
+
+def _suggest(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """'; did you mean X?' for an unknown key: a close sibling, or the same/close key in a nested section."""
+    import difflib
+
+    key, parent = str(loc[-1]), tuple(loc[:-1])
+    siblings = _fields_at(model, parent) or {}
+    close = difflib.get_close_matches(key, list(siblings), n=1, cutoff=0.6)
+    prefix = "".join(f"{p}." for p in parent)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    nested = {f"{name}.{sub}": sub for name in siblings for sub in (_fields_at(model, (*parent, name)) or {})}
+    exact = [dotted for dotted, sub in nested.items() if sub == key]
+    close = exact or difflib.get_close_matches(key, list(nested.values()), n=1, cutoff=0.75)
+    if close:
+        dotted = close[0] if exact else next(d for d, sub in nested.items() if sub == close[0])
+        return f"; did you mean {prefix}{dotted}?"
+    return f"; accepted here: {', '.join(sorted(siblings))}" if siblings else ""
 
 
 # ---- checks that need the ingest plan (run after listing the source, before any embedding) ------------------------
@@ -237,3 +395,50 @@ def check_before_embedding(cfg: CurateConfig, plan: Any) -> dict[str, int]:
     """
     check_plan_size(cfg, plan.n_samples, has_labels=plan.has_labels)
     return check_targets(cfg)
+
+
+# ---- checks that need only the config (run before anything heavy is imported) -------------------------------------
+SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval", "holdout"})
+
+
+def check_step_fractions(cfg: CurateConfig) -> None:
+    """Refuses steps whose budgets cannot all apply, from the fractions alone, before any work.
+
+    keep_fraction is a fraction of all scorable rows; semdedup's target_keep_fraction a fraction of the rows entering
+    it. A later keep_fraction larger than what the earlier steps can leave is an error naming both steps and numbers.
+    """
+    most, limit = 1.0, None  # the largest fraction of all rows still alive, and the step that set it
+    for position, step in enumerate(cfg.steps):
+        knobs = step.knobs()
+        fraction = knobs.get("keep_fraction")
+        if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and step.scorer != "coreset_weight":
+            if fraction > most * (1 + 1e-9) and limit is not None:
+                raise ValueError(
+                    f"step {position} ({step.scorer}): keep_fraction {fraction:g} asks for {fraction:.0%} of all rows, but "
+                    f"{limit} leaves at most {most:.0%}; lower keep_fraction (it is a fraction of all scorable rows) "
+                    "or keep more in the earlier step"
+                )
+            most, limit = fraction, f"step {position} ({step.scorer}) with keep_fraction {fraction:g}"
+        target = knobs.get("target_keep_fraction")
+        if isinstance(target, (int, float)) and not isinstance(target, bool):
+            most *= target
+            limit = f"step {position} ({step.scorer}) with target_keep_fraction {target:g}" + (
+                f" after {limit}" if limit else ""
+            )
+
+
+def split_like_labels(source: dict[str, Any]) -> list[str]:
+    """The folder names an image_folder source would take as labels when they look like split names (train/test/val).
+
+    Empty when the source is not an image folder, has `split` or `labels_from_subfolders: false`, or its top folders
+    are not all split-like. Cheap: reads one directory.
+    """
+    import os
+
+    if source.get("kind") != "image_folder" or source.get("split") or source.get("labels_from_subfolders") is False:
+        return []
+    try:
+        folders = sorted(e.name for e in os.scandir(source["root"]) if e.is_dir() and not e.name.startswith("."))
+    except (OSError, KeyError, TypeError):
+        return []
+    return folders if folders and all(name.lower() in SPLIT_NAMES for name in folders) else []

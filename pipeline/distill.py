@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.config import RunName, Strict, read_yaml_mapping
+from pipeline.config import RunName, Strict, load_validated
 from scorers.device import select_device
 from pipeline.manifest import write_manifest
 from scorers.distill import DSA_STRATEGY, cf_loss, convnet, dm_loss, dsa_augment, flip_concat, sample_frequencies
@@ -164,7 +164,8 @@ class DistillConfig(Strict):
 
 
 def load_distill_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
-    return DistillConfig.model_validate(read_yaml_mapping(path, overrides))
+    """The distill config; relative paths in the file resolve against its folder; errors are one line."""
+    return load_validated(DistillConfig, path, overrides)
 
 
 # ======================================================================================================== data

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline import progress
 from pipeline.atomic import atomic_path
 from pipeline.config import CurateConfig, SourceConfig
 from pipeline.faults import failpoint
@@ -90,8 +91,6 @@ def embed_shard(
     state, once per process. Inside a daemonic worker process (Dask's) images are decoded in-process:
     such a process cannot start DataLoader workers.
     """
-    from tqdm.auto import tqdm
-
     from pipeline.embed import embed_refs
     from scorers.quality import image_stats
 
@@ -100,12 +99,11 @@ def embed_shard(
         return {"skipped": 1}
     embedder = embedder if embedder is not None else worker_embedder(cfg, store.root)
     num_workers = 0 if multiprocessing.current_process().daemon else cfg.embed.num_workers
-    with tqdm(total=len(refs), desc=f"embed shard {shard}", unit="img", leave=False) as bar:
-        result = embed_refs(
-            source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
-            max_pixels=cfg.embed.max_pixels, image_stats=image_stats,
-            progress=bar.update,
-        )
+    result = embed_refs(
+        source, refs, embedder, batch_size=cfg.embed.batch_size, num_workers=num_workers, max_side=cfg.embed.max_side,
+        max_pixels=cfg.embed.max_pixels, image_stats=image_stats,
+        progress=progress.advance,  # the stage's one overall display (pipeline/progress.py)
+    )
     # quality statistics measured on the pixels decoded for the model go into the store's meta (no second pass)
     meta = [row if st is None else {**row, **st} for row, st in zip(result.meta, result.stats or [None] * len(result.meta))]
     store.write_shard(shard, result.embeddings, meta)

@@ -105,13 +105,31 @@ def write_report(
         _hardest_easiest(frame, thumbs, per_class, max_classes, hardness_column, hardness_columns(info.get("steps") or [])),
         _check_galleries(info, frame, thumbs, grid_size),
     ]
-    title = f"winnow report — {info.get('config', {}).get('name', run_dir.name)}"
+    title = f"winnow report — {_run_name(info, run_dir)}"
     page = _PAGE.format(title=_e(title), css=_CSS, body="\n".join(sections))
     atomic_write_text(out, page)
     return out
 
 
 # ---- sections --------------------------------------------------------------------------------------------------
+
+
+def _run_name(info: dict[str, Any], run_dir: Path) -> str:
+    """The run's name: a curate config's `name`, a distill run's `config.distill.name`, else the folder's name."""
+    cfg = info.get("config") or {}
+    return str(cfg.get("name") or (cfg.get("distill") or {}).get("name") or run_dir.name)
+
+
+def _distill_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """A distill run's method, real data and test accuracies (synthetic vs random real subsets of the same size)."""
+    data = info.get("data") or {}
+    rows = [("method", str(info.get("method", "?"))),
+            ("real data", ", ".join(f"{k} {v}" for k, v in data.items() if k in ("kind", "name", "root", "pool", "test")))]
+    for key, label in (("synthetic", "synthetic set"), ("random_real", "random real subset")):
+        ev = (info.get("evaluation") or {}).get(key)
+        if isinstance(ev, dict) and "mean" in ev:
+            rows.append((f"test accuracy, {label}", f"{100 * ev['mean']:.2f}% ± {100 * ev.get('std', 0):.2f} (n={ev.get('n', '?')})"))
+    return rows
 
 
 def _summary(info: dict[str, Any], frame: pl.DataFrame, run_dir: Path) -> str:
@@ -122,11 +140,11 @@ def _summary(info: dict[str, Any], frame: pl.DataFrame, run_dir: Path) -> str:
     embedder = str(embed.get("kind", "?"))
     if embed.get("kind") == "clip":
         embedder += f" {embed.get('model')} ({embed.get('checkpoint') or embed.get('pretrained')})"
+    distill = info.get("kind") == "distill"
     rows = [
-        ("run", cfg.get("name", run_dir.name)),
+        ("run", _run_name(info, run_dir)),
         ("run directory", str(run_dir)),
-        ("source", cfg.get("source", {}).get("kind", "?")),
-        ("embedder", embedder),
+        *(_distill_rows(info) if distill else [("source", cfg.get("source", {}).get("kind", "?")), ("embedder", embedder)]),
         ("samples", f"{n:,}"),
         ("kept", f"{kept:,} ({_pct(kept, n)})"),
         ("finished", info.get("finished_at", "?")),
@@ -222,6 +240,15 @@ def _fraction_body(stats: pl.DataFrame, key: str, noun: str) -> str:
     )
 
 
+def _unscored(name: str, keep: np.ndarray, finite: np.ndarray, reason: np.ndarray, own: str | None) -> str:
+    """For the kept group of a histogram's legend: how many kept rows have no score (not drawn), so the legend's
+    count reads against the run's kept count (e.g. SemDeDup's first row of each cluster before scores were -1)."""
+    if name != "kept":
+        return ""
+    missing = int((keep & ~finite).sum())
+    return f", {missing:,} kept rows without a score not drawn" if missing else ""
+
+
 def _histograms(info: dict[str, Any], frame: pl.DataFrame) -> str:
     cols = _score_columns(frame)
     if not cols:
@@ -259,7 +286,7 @@ def _histograms(info: dict[str, Any], frame: pl.DataFrame) -> str:
             counts, _ = np.histogram(values[mask], bins=bins)
             if counts.sum():
                 # Stacked filled steps: one artist per group (bars would be one patch per bin, slow to draw).
-                label = f"{name} ({int(mask.sum()):,})"
+                label = f"{name} ({int(mask.sum()):,})" + _unscored(name, keep, finite, reason, own)
                 ax.stairs(bottom + counts, bins, baseline=bottom.copy(), fill=True, color=colour, label=label)
                 bottom = bottom + counts
         if cut is not None:

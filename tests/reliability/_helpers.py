@@ -69,3 +69,36 @@ def make_store(root: Path, *, n_shards: int = 2, rows: int = 6, dim: int = 8, dt
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root (relative path → bytes)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds WINNOW_TEST_TAG=<tag> (every process a test's run started
+    inherits it: the Prefect server, DataLoader workers, multiprocessing helpers). Linux /proc; [] elsewhere."""
+    import os
+
+    wanted = f"WINNOW_TEST_TAG={tag}".encode()
+    found = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILLs every process tagged with `tag` (see tagged_processes); returns the pids it found."""
+    import os
+    import signal
+
+    pids = tagged_processes(tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids

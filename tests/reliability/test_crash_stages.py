@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import yaml
 from flows.demo import write_digits
 from pipeline.manifest import ManifestError, read_manifest, read_run_info
 from pipeline.store import EmbeddingStore
+from tests.reliability._helpers import kill_tagged, tagged_processes
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -43,7 +46,8 @@ def _winnow_run(config: dict, tmp: Path, failpoint: str | None = None) -> subpro
     """
     path = tmp / f"{Path(config['output_root']).name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect_home")}
+    tag = uuid.uuid4().hex  # every process the run starts inherits it: the cleanup below finds them all
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect_home"), "WINNOW_TEST_TAG": tag}
     env.pop("WINNOW_FAILPOINT", None)
     if failpoint:
         env["WINNOW_FAILPOINT"] = failpoint
@@ -58,6 +62,12 @@ def _winnow_run(config: dict, tmp: Path, failpoint: str | None = None) -> subpro
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            # winnow's watchdog ends what a killed run left (pipeline/reaper.py); whatever is still there after a
+            # grace period (the Prefect server is in a session of its own, out of reach of killpg) is killed here
+            deadline = time.monotonic() + 20
+            while tagged_processes(tag) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            kill_tagged(tag)
     return subprocess.CompletedProcess(proc.args, code, stdout=log.read_text()[-3000:], stderr="")
 
 
