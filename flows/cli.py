@@ -186,6 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         info = run_curate(cfg.model_dump(mode="json"))
     except KeyboardInterrupt:
+        from flows.console import drain_prefect
+
+        drain_prefect()
         print(
             f"\nwinnow: stopped; {_finished_shards(cfg)}. Rerun the same command to resume: finished shards are reused.",
             file=sys.stderr,

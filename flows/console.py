@@ -64,3 +64,16 @@ def setup_console(*, verbose: bool = False) -> None:
         handler.addFilter(_ConsoleFilter(quiet=not verbose))
     progress.set_sink_factory(_flow_logger)
     server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
+
+
+def drain_prefect(timeout_s: float = 5.0) -> None:
+    """Sends Prefect's queued logs and events now, while the temporary server still runs (after a Ctrl-C the
+    interpreter's exit would otherwise stop the server first and print connection errors for them)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - best effort: the run has stopped either way
+            pass
