@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
     evaluate.set_defaults(fn=cmd_evaluate)
 
-        summary = sub.add_parser("summary", help="print the summary of a finished run (curate or distill)")
+    summary = sub.add_parser("summary", help="print the summary of a finished run (curate or distill)")
     summary.add_argument("run_dir")
     summary.add_argument("--json", action="store_true", help="print run.json as is")
     summary.set_defaults(fn=cmd_summary)

@@ -367,6 +367,8 @@ def _evaluation(info: dict[str, Any]) -> str:
     """`winnow evaluate`: probe accuracy vs kept fraction, the selection against random's 95% band."""
     title = "Evaluation: selection vs random"
     ev = info.get("evaluation")
+    if info.get("kind") == "distill":  # its own evaluation (synthetic vs random real) is in the summary
+        return _section("evaluation", title, _absent("a distilled set: its test accuracies are in the summary above"))
     if not ev:
         return _section("evaluation", title, _absent("not evaluated (run `winnow evaluate RUN_DIR`, or add `evaluate:`)"))
     s = ev["selection_vs_random"]

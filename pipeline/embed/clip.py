@@ -6,8 +6,8 @@ open_clip resolves a pretrained tag through huggingface_hub, which, with no netw
 retries for about 46 s before failing. Setting `HF_HUB_OFFLINE` from here is no fix: huggingface_hub reads it once,
 at import. So `ClipEmbedder` resolves the tag itself: a file already in the cache is used without any network call;
 otherwise, if offline mode is on, or an HTTP HEAD of the weights file does not get an answer within `probe_timeout`
-seconds (DNS included), it raises `WeightsUnavailableError` at once, naming the file to fetch and the config key /
-CLI flag that takes a local checkpoint. Only when the host answers does the download start (a large download is
+seconds (DNS included), it raises `WeightsUnavailableError` at once, naming the file to fetch and the config key
+(`embed.checkpoint`) that takes a local checkpoint. Only when the host answers does the download start (a large download is
 slow, not hung; huggingface_hub's own timeouts apply from there). A HEAD rather than a TCP connect, because
 sandboxes and captive proxies accept connections to any address and then never answer.
 """
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_HINT = (
     "supply a local checkpoint instead: set `embed.checkpoint: /path/to/open_clip_pytorch_model.bin` in the config "
-    "(or pass `--checkpoint PATH` on the command line); a state_dict saved with torch.save, an open_clip training "
+    "(README 'First run on your own images' shows how to make one); a state_dict saved with torch.save, an open_clip training "
     "checkpoint or a .safetensors file all work. `embed.pretrained: null` gives random weights, or use `embed.kind: pixels`"
 )
 
@@ -300,7 +300,7 @@ class ClipEmbedder:
             if model_name.startswith(("hf-hub:", "local-dir:")):
                 raise ValueError(f"model {model_name!r} brings its own weights; give a built-in model name with a checkpoint")
             if not self.checkpoint.is_file():
-                raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist (embed.checkpoint / --checkpoint)")
+                raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist (embed.checkpoint)")
             weights_path = str(self.checkpoint)
         elif pretrained and not model_name.startswith(("hf-hub:", "local-dir:")):
             weights_path, overrides = _resolve_pretrained(
