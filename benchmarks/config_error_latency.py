@@ -28,7 +28,7 @@ CASES = {
     "missing_source_root": "source: {kind: image_folder, root: no/such/folder}\nembed: {kind: pixels}\n",
     "budgets_cannot_apply": (
         "source: {kind: image_folder, root: imgs}\nembed: {kind: pixels}\n"
-        "steps: [{scorer: semdedup, target_keep_fraction: 0.3}, {scorer: dbp, keep_fraction: 0.5}]\n"
+        "steps: [{scorer: semdedup, target_keep_of_entering: 0.3}, {scorer: dbp, keep_fraction: 0.5}]\n"
     ),
 }
 

@@ -58,18 +58,6 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
         lines.append("  store status: " + ", ".join(f"{k}={v}" for k, v in counts["store_status"].items()))
     if counts.get("embed_shards_skipped"):
         lines.append(f"  embed shards reused from an earlier run: {counts['embed_shards_skipped']}")
-<<<<<<< HEAD
-    lines.append("  steps:")
-    for note in info["steps"]:
-        lines.append(f"    {note['scorer']:<12} dropped {note['dropped']:>7}   left {note['alive_after']:>7}")
-    lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
-    lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
-    unlisted = counts.get("unlisted_folders")
-    if unlisted:
-        shown = ", ".join(f"{f['path']} ({f['why']})" for f in unlisted["folders"][:5])
-        lines.append(f"  warning: {unlisted['count']} folder(s) of the source could not be listed, their images are not in "
-                     f"the manifest: {shown}{' ...' if unlisted['count'] > 5 else ''}")
-=======
     if info.get("steps"):
         lines.append("  steps:")
         for note in info["steps"]:
@@ -78,7 +66,11 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
         lines.append("  by reason: " + ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()))
     if info.get("timings_s"):
         lines.append("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in info["timings_s"].items()))
->>>>>>> f3034d1 (First use (#19): one-line config errors (YAML syntax with line/column, non-text file, pydantic errors with the closest key), --set indexes into lists, relative paths against the config's folder, checks before heavy imports and before the server (source, step budgets, split-like labels warning, offline pretrained weights), stage progress into Prefect logs with quiet task lines (-v), Ctrl-C one line with finished shards, a watchdog that ends a killed run's processes, distill summary/report, --version, a shell-safe Polars one-liner)
+    unlisted = counts.get("unlisted_folders")
+    if unlisted:
+        shown = ", ".join(f"{f['path']} ({f['why']})" for f in unlisted["folders"][:5])
+        lines.append(f"  warning: {unlisted['count']} folder(s) of the source could not be listed, their images are not in "
+                     f"the manifest: {shown}{' ...' if unlisted['count'] > 5 else ''}")
     if "evaluation" in info:
         from pipeline.evaluate import format_evaluation
 
@@ -241,10 +233,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline.manifest import manifest_parts, read_run_info
 
     info = read_run_info(args.run_dir)
-<<<<<<< HEAD
     manifest_parts(args.run_dir)  # parts that disagree with the manifest's index are an error, not a summary
-    print(json.dumps(info, indent=2) if args.json else format_summary(info, Path(args.run_dir) / "manifest.parquet"))
-=======
     manifest = Path(args.run_dir) / "manifest.parquet"
     if args.json:
         print(json.dumps(info, indent=2))
@@ -252,7 +241,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(format_distill_summary(info, manifest))
     else:
         print(format_summary(info, manifest))
->>>>>>> f3034d1 (First use (#19): one-line config errors (YAML syntax with line/column, non-text file, pydantic errors with the closest key), --set indexes into lists, relative paths against the config's folder, checks before heavy imports and before the server (source, step budgets, split-like labels warning, offline pretrained weights), stage progress into Prefect logs with quiet task lines (-v), Ctrl-C one line with finished shards, a watchdog that ends a killed run's processes, distill summary/report, --version, a shell-safe Polars one-liner)
     return 0
 
 

@@ -13,7 +13,8 @@ Optional columns:
     label, location, caption  carried from the source for loaders and queries
     method  string   how a synthetic row was made (distillation: "dm", "dm+flip", "ncfm", ...)
     status  string   decode status from the store ("ok" or why the bytes could not be used)
-    score_<scorer> float32, one per scorer run; orientation recorded in run.json
+    score_<scorer> float32, one per scorer run; orientation recorded in run.json; null where the step did not score
+                   the row (dropped by an earlier step, bad input); never NaN
 The schema version is stored in the Parquet file's key-value metadata under SCHEMA_VERSION_KEY.
 """
 from __future__ import annotations

@@ -404,7 +404,7 @@ SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid",
 def check_step_fractions(cfg: CurateConfig) -> None:
     """Refuses steps whose budgets cannot all apply, from the fractions alone, before any work.
 
-    keep_fraction is a fraction of all scorable rows; semdedup's target_keep_fraction a fraction of the rows entering
+    keep_fraction is a fraction of all scorable rows; semdedup's target_keep_of_entering a fraction of the rows entering
     it. A later keep_fraction larger than what the earlier steps can leave is an error naming both steps and numbers.
     """
     most, limit = 1.0, None  # the largest fraction of all rows still alive, and the step that set it
@@ -419,10 +419,10 @@ def check_step_fractions(cfg: CurateConfig) -> None:
                     "or keep more in the earlier step"
                 )
             most, limit = fraction, f"step {position} ({step.scorer}) with keep_fraction {fraction:g}"
-        target = knobs.get("target_keep_fraction")
+        target = knobs.get("target_keep_of_entering")
         if isinstance(target, (int, float)) and not isinstance(target, bool):
             most *= target
-            limit = f"step {position} ({step.scorer}) with target_keep_fraction {target:g}" + (
+            limit = f"step {position} ({step.scorer}) with target_keep_of_entering {target:g}" + (
                 f" after {limit}" if limit else ""
             )
 

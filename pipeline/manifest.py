@@ -38,7 +38,9 @@ def conform(frame: pl.DataFrame) -> pl.DataFrame:
         if name in frame.columns:
             cols.append(pl.col(name).cast(dtype))
     score_cols = sorted(c for c in frame.columns if c.startswith(SCORE_PREFIX))
-    cols += [pl.col(c).cast(SCORE_DTYPE) for c in score_cols]
+    # NaN (a row a step never scored) becomes null: polars sorts NaN above every number and `NaN > x` is true, so a
+    # filter such as score > 0.9 would pick unscored rows; null is left out of comparisons
+    cols += [pl.col(c).cast(SCORE_DTYPE).fill_nan(None) for c in score_cols]
     unknown = set(frame.columns) - set(REQUIRED) - set(OPTIONAL) - set(score_cols)
     if unknown:
         raise ManifestError(f"columns not in manifest schema v{SCHEMA_VERSION}: {sorted(unknown)}")

@@ -143,11 +143,11 @@ def test_pretrained_tag_offline_is_refused_before_anything_starts(tmp_path):
 
 def test_budgets_that_cannot_all_apply_name_the_steps_and_numbers(tmp_path):
     _images(tmp_path / "imgs", 4)
-    cfg = _config(tmp_path / "c.yaml", steps=[{"scorer": "semdedup", "target_keep_fraction": 0.3},
+    cfg = _config(tmp_path / "c.yaml", steps=[{"scorer": "semdedup", "target_keep_of_entering": 0.3},
                                               {"scorer": "dbp", "keep_fraction": 0.5}])
     line = one_error_line(winnow("run", str(cfg)))
     assert ("step 1 (dbp): keep_fraction 0.5 asks for 50% of all rows, but step 0 (semdedup) with "
-            "target_keep_fraction 0.3 leaves at most 30%") in line
+            "target_keep_of_entering 0.3 leaves at most 30%") in line
     cfg = _config(tmp_path / "d.yaml", steps=[{"scorer": "random", "keep_fraction": 0.2}, {"scorer": "dbp", "keep_fraction": 0.4}])
     assert "step 1 (dbp): keep_fraction 0.4 asks for 40% of all rows, but step 0 (random) with keep_fraction 0.2" in one_error_line(
         winnow("run", str(cfg)))
@@ -258,10 +258,16 @@ def _run_config(tmp: Path, folder: Path, **embed) -> Path:
     return path
 
 
-def _start(tmp: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """One Prefect home for the runs of this module: the temporary server's database migrations run once."""
+    return tmp_path_factory.mktemp("prefect_home")
+
+
+def _start(tmp: Path, home: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
     tag = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp / "prefect_home"),
-           "WINNOW_TEST_TAG": tag}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(home), "WINNOW_TEST_TAG": tag,
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900"}  # a first start migrates; slow on a busy machine
     env.pop("PREFECT_API_URL", None)
     log = tmp / f"out-{tag[:6]}.log"
     with open(log, "w") as out:
@@ -280,8 +286,8 @@ def _wait_for_shards(proc: subprocess.Popen, done_dir: Path, n: int, timeout: fl
 
 
 @pytest.mark.slow
-def test_run_shows_one_progress_line_per_stage_and_no_task_state_lines(folder, tmp_path):
-    proc, tag, log = _start(tmp_path, str(_run_config(tmp_path, folder)))
+def test_run_shows_one_progress_line_per_stage_and_no_task_state_lines(folder, prefect_home, tmp_path):
+    proc, tag, log = _start(tmp_path, prefect_home, str(_run_config(tmp_path, folder)))
     try:
         assert proc.wait(600) == 0, log.read_text()[-3000:]
     finally:
@@ -294,9 +300,9 @@ def test_run_shows_one_progress_line_per_stage_and_no_task_state_lines(folder, t
 
 
 @pytest.mark.slow
-def test_ctrl_c_prints_one_line_and_a_rerun_resumes(folder, tmp_path):
+def test_ctrl_c_prints_one_line_and_a_rerun_resumes(folder, prefect_home, tmp_path):
     config = _run_config(tmp_path, folder)
-    proc, tag, log = _start(tmp_path, str(config), "-v")
+    proc, tag, log = _start(tmp_path, prefect_home, str(config), "-v")
     try:
         _wait_for_shards(proc, tmp_path / "runs" / "r" / "store" / "_done", 2)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
@@ -312,7 +318,7 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(folder, tmp_path):
     stopped = re.search(r"winnow: stopped; (\d+) of 6 embedding shards are finished\. Rerun the same command to resume", text)
     assert stopped and int(stopped.group(1)) >= 2, text[-3000:]
     assert "Traceback" not in text and "Crash detected" not in text
-    proc, tag, log = _start(tmp_path, str(config))
+    proc, tag, log = _start(tmp_path, prefect_home, str(config))
     try:
         assert proc.wait(600) == 0, log.read_text()[-3000:]
     finally:
@@ -321,10 +327,10 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_no_process_outlives_a_sigkilled_run(folder, tmp_path):
+def test_no_process_outlives_a_sigkilled_run(folder, prefect_home, tmp_path):
     from pipeline.reaper import descendants
 
-    proc, tag, log = _start(tmp_path, str(_run_config(tmp_path, folder, batch_size=4)))
+    proc, tag, log = _start(tmp_path, prefect_home, str(_run_config(tmp_path, folder, batch_size=4)))
     try:
         _wait_for_shards(proc, tmp_path / "runs" / "r" / "store" / "_done", 1)
         children = descendants({proc.pid})
