@@ -9,10 +9,20 @@ the flow run can still be recorded as stopped before the server is shut down.
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
+import threading
 from typing import Any
 
 from pipeline import progress
+
+
+_interrupted = threading.Event()  # set by the SIGINT handler: what Prefect logs after a Ctrl-C is noise by default
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
 
 
 class _ConsoleFilter(logging.Filter):
@@ -25,6 +35,8 @@ class _ConsoleFilter(logging.Filter):
             return False  # the redrawn terminal line shows it
         if not self.quiet or record.levelno >= logging.CRITICAL:
             return True
+        if _interrupted.is_set() and record.name.startswith("prefect"):
+            return False  # tasks failing as their workers got the same SIGINT, the crash state, the server stopping
         text = str(record.msg)
         if record.name == "prefect.task_runs" and record.levelno < logging.WARNING:
             return not text.startswith("Finished in state")
@@ -64,6 +76,8 @@ def setup_console(*, verbose: bool = False) -> None:
         handler.addFilter(_ConsoleFilter(quiet=not verbose))
     progress.set_sink_factory(_flow_logger)
     server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 def drain_prefect(timeout_s: float = 5.0) -> None:
