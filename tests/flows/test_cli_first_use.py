@@ -133,9 +133,9 @@ def test_pretrained_tag_offline_is_refused_before_anything_starts(tmp_path):
     cfg = _config(tmp_path / "c.yaml", embed={"kind": "clip", "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
                   output_root="runs")
     empty_cache = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    started = time.monotonic()
-    line = one_error_line(winnow("run", str(cfg), env=empty_cache))
-    assert time.monotonic() - started < 60  # no 46 s hub retry (and well under it on an idle machine)
+    out = winnow("run", str(cfg), env=empty_cache)
+    line = one_error_line(out)
+    assert "Starting temporary server" not in out.stderr + out.stdout  # refused before Prefect (and any ingest)
     assert "embed.pretrained 'laion2b_s34b_b79k' of embed.model 'ViT-B-32'" in line and "offline" in line
     assert "set embed.checkpoint:" in line and "--checkpoint" not in line
     assert not (tmp_path / "runs").exists()
