@@ -323,6 +323,7 @@ def compare(root: Path, work: Path, eps: float, naive_ran: bool) -> dict[str, An
     cluster = frame["cluster"].to_numpy()
     is_dup_c = (frame["reason"] == "semdedup").fill_null(False).to_numpy()
     max_sim_c = frame["score_semdedup"].to_numpy()
+    max_sim_c = np.where(max_sim_c <= -1.0, -np.inf, max_sim_c)  # the manifest's -1: first-ranked, compared with nothing
     with np.load(work / "faiss_kmeans.npz") as f:
         same_clusters = int((f["assignment"] == cluster).sum())
     with np.load(root / "planted.npz") as p:

@@ -449,8 +449,8 @@ def step_semdedup(
 
     One pass computes every row's max similarity to a higher-ranked row of its cluster; `eps` (or the eps
     that keeps `target_keep_of_entering` of the rows entering this step, solved exactly) decides, and the kept
-    count for every eps of `eps_grid` goes to run.json. score_semdedup = that max similarity (NaN for the
-    first-ranked row of a cluster): higher = more redundant.
+    count for every eps of `eps_grid` goes to run.json. score_semdedup = that max similarity (-1 for the
+    first-ranked row of a cluster, compared with nothing; null in the manifest for rows that never entered): higher = more redundant.
     """
     rows, emb, clusters, uids = alive_view(ctx)
     grid = sorted({float(e) for e in (eps_grid or [])} | ({float(eps)} if eps is not None else set()))
@@ -466,7 +466,9 @@ def step_semdedup(
     drop[rows[is_dup]] = True
     dup_of = np.full(n, -1, dtype=np.int64)
     dup_of[rows[is_dup]] = rows[dup_local[is_dup]]
-    max_sim = np.where(np.isfinite(result.max_sim), result.max_sim, np.nan)
+    # the first-ranked row of a cluster was compared with nothing: -1, the lowest cosine similarity, so it sorts and
+    # filters as the least redundant (NaN would sort above every number in Polars and pass `score > 0.9`)
+    max_sim = np.where(np.isfinite(result.max_sim), result.max_sim, -1.0)
     curve = {f"{e:g}": int((~duplicate_mask(result.max_sim, e)).sum()) for e in grid}
     return StepOutput(
         scores={"score_semdedup": scatter(n, rows, max_sim)},

@@ -194,3 +194,12 @@ def test_ot_target_estimates_how_much_to_keep():
     assert set(notes[0]["ratio_curve"]) and cols["score_ot"][:120].mean() > cols["score_ot"][120:].mean()
     with pytest.raises(ValueError, match="exactly one"):
         run_steps(_ctx(n=n, labels=False), [("ot_target", {"target": target_spec})])
+
+
+def test_semdedup_score_of_a_clusters_first_row_sorts_as_least_redundant():
+    """Each cluster's first-ranked row was compared with nothing: -1 (not NaN, which Polars sorts above every number)."""
+    ctx = _clustered_ctx()
+    cols, _ = run_steps(ctx, [("semdedup", {"eps": 0.001})])
+    score = cols["score_semdedup"]
+    assert not np.isnan(score).any()
+    assert (score == -1.0).sum() == len(np.unique(ctx.kmeans.assignment))  # one first-ranked row per cluster
