@@ -201,9 +201,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     load_config(args.config)  # config errors in one line, before Prefect is imported
-    from flows.deploy import serve_curate
+    from flows.deploy import deploy_curate
 
-    serve_curate(args.config, cron=args.cron, name=args.name, dry_run=args.dry_run)
+    deploy_curate(args.config, cron=args.cron, interval=args.interval, name=args.name, pool=args.pool, dry_run=args.dry_run)
     return 0
 
 
@@ -307,10 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task state lines")
     run.set_defaults(fn=cmd_run)
 
-    deploy = sub.add_parser("deploy", help="serve the curate flow on a cron schedule (needs a Prefect server: PREFECT_API_URL)")
+    deploy = sub.add_parser("deploy", help="schedule the curate flow: served by this process, or in a work pool (needs PREFECT_API_URL)")
     deploy.add_argument("config")
-    deploy.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    when = deploy.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS seconds")
     deploy.add_argument("--name", default=None, help="deployment name (default: the config's name)")
+    deploy.add_argument("--pool", default=None, metavar="NAME",
+                        help="register in this process work pool (created if missing) for `prefect worker start --pool NAME` instead of serving")
     deploy.add_argument("--dry-run", action="store_true", help="build and print the deployment without serving it")
     deploy.set_defaults(fn=cmd_deploy)
 

@@ -1,173 +1,262 @@
-"""The `curate` Prefect flow: thin tasks over the stage functions in pipeline/ (their order: pipeline/stages.py)."""
+"""The `curate` Prefect flow: pipeline.sequence's stage sequence with every stage a named task.
+
+Parameters are typed (the Prefect UI shows a form, `prefect deployment run -p keep_fraction=0.3` works): a config
+file path or a whole config, plus explicit overrides merged and validated before any work. Flow runs are named
+`<config name>-<UTC timestamp>` and tagged `winnow`, `dataset:<name>`, `run:<name>`, `step:<scorer>`; run.json
+records the flow-run id and link. A failed or crashed run is marked in its run directory (last_failure.json) and,
+with `notify:` set, announced through Apprise.
+"""
 from __future__ import annotations
 
+import json
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runners import Opaque, io_task, make_task_runner, prefect_fan_out, shared_api
-from pipeline import clustering, fill_store, ok_rows, run_record, scoring
-from pipeline.config import CurateConfig, check_before_embedding
-from pipeline.ingest import IngestPlan, listing_counts, plan_ingest
-from pipeline.manifest import export_run, read_run_info
-from pipeline.store import EmbeddingStore
+from flows.runners import Opaque, io_error_only, make_task_runner, prefect_fan_out, shared_api
+from pipeline.config import CurateConfig, StepConfig, merge_run_parameters, read_yaml_mapping
+from pipeline.runlock import RunLockedError, describe
+from pipeline.sequence import run_curate_sequence
 
-# Inputs are large arrays and open sources: never hash them for Prefect's cache.
-stage_task = task(cache_policy=NO_CACHE)
-
-
-@io_task
-def ingest(cfg: CurateConfig) -> IngestPlan:
-    plan = plan_ingest(cfg)
-    get_run_logger().info("ingest: %d samples in %d shards from %s", plan.n_samples, len(plan.shards), cfg.source.kind)
-    return plan
+T = TypeVar("T")
+FAILURE_FILE = "last_failure.json"
+IO_STAGES = {"ingest", "embed_targets", "export"}  # reading sources, writing remote copies: retried on transient I/O errors
 
 
-@stage_task
-def prepare_embedder(cfg: CurateConfig, opaque_plan: Opaque) -> tuple[Any, EmbeddingStore]:
-    plan: IngestPlan = opaque_plan.value
-    store = EmbeddingStore(cfg.store_path)
-    embedder = fill_store.make_embedder(cfg, plan, store)
-    store = fill_store.init_store(cfg, plan, embedder, embedder.dim)
-    done = len(store.done_shards())
-    get_run_logger().info("embed: %s, dim %d; %d of %d shards already done", embedder.name, embedder.dim, done, len(plan.shards))
-    return embedder, store
+@task(cache_policy=NO_CACHE)
+def stage_call(fn: Callable[..., Any], call: Opaque) -> Any:
+    """One fan-in stage of the sequence, run in the flow's process (its fan-outs go to the flow's task runner)."""
+    args, kwargs = call.value
+    return fn(*args, **kwargs)
 
 
-@stage_task
-def open_rows(store: EmbeddingStore):
-    emb, rows = ok_rows.open_rows(store)
-    if len(rows) == 0:
-        raise ValueError("no sample could be decoded; nothing to index (see the store's meta for statuses)")
-    return emb, rows
+class PrefectExecutor:
+    """pipeline.sequence's Executor inside a Prefect flow run: each stage a task named after it (called directly,
+    so it runs in the flow's process), each fan-out a task per unit on the flow's task runner."""
+
+    def __init__(self, cfg: CurateConfig) -> None:
+        from prefect.context import FlowRunContext
+
+        self.shares_memory = cfg.runner.kind == "local"
+        context = FlowRunContext.get()
+        self.flow_run_id = str(context.flow_run.id) if context and context.flow_run else None
+        self.flow_run_url = flow_run_url(self.flow_run_id) if self.flow_run_id else None
+
+    def stage(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        options: dict[str, Any] = {"name": name, "task_run_name": name}
+        if name in IO_STAGES:
+            options.update(retries=2, retry_delay_seconds=2, retry_condition_fn=io_error_only)
+        return stage_call.with_options(**options)(fn, Opaque((args, kwargs)))
+
+    def fan_out(self, fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
+        return prefect_fan_out(fn, calls)
+
+    def log(self, message: str) -> None:
+        get_run_logger().info(message)
+
+    def previous_run_died(self, holder: dict[str, Any]) -> None:
+        get_run_logger().warning("an earlier run of this run directory did not finish: %s; taking over%s", describe(holder),
+                                 mark_stale_run(holder))
+
+    def published(self, cfg: CurateConfig, info: dict[str, Any], report_path: Any) -> None:
+        """A markdown artifact for the UI: counts by reason, links to the report and the manifest."""
+        from prefect.artifacts import create_markdown_artifact
+
+        (cfg.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # the run directory's last run succeeded
+        counts = info["counts"]
+        rows = "\n".join(f"| {reason} | {n} |" for reason, n in counts["by_reason"].items())
+        link = f"Report: [{report_path}](file://{Path(report_path).resolve()})  \n" if report_path else ""
+        create_markdown_artifact(
+            key=f"winnow-{cfg.name}".lower().replace("_", "-").replace(".", "-"),
+            markdown=(
+                f"# winnow run `{cfg.name}`\n\n{counts['kept']} of {counts['samples']} samples kept.\n\n"
+                f"| reason | rows |\n|---|---|\n{rows}\n\n"
+                f"{link}Manifest: `{cfg.run_dir.resolve() / 'manifest.parquet'}`\n"
+            ),
+            description=f"winnow curate summary for {cfg.name}",
+        )
 
 
-@io_task
-def embed_targets(cfg: CurateConfig, embedder: Any) -> dict:
-    targets = fill_store.embed_targets(cfg, embedder)
-    get_run_logger().info("targets: %s", {k[:60]: len(getattr(v, "emb", v)) for k, v in targets.items()})
-    return targets
+def flow_run_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI when one is configured, else its API resource (None without an API)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui, api = PREFECT_UI_URL.value(), PREFECT_API_URL.value()
+    if ui:
+        return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return f"{api.rstrip('/')}/flow_runs/{flow_run_id}" if api else None
 
 
-@stage_task
-def report(cfg: CurateConfig, info: dict[str, Any]) -> Path | None:
-    """Writes report.html beside the manifest and a Prefect artifact (summary + link) for the UI.
+def mark_stale_run(holder: dict[str, Any]) -> str:
+    """Sets a dead holder's flow run, still RUNNING in Prefect, to CRASHED; returns what was done, for the log line."""
+    run_id = holder.get("flow_run_id")
+    if not run_id:
+        return ""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
 
-    The manifest is already complete at this point: a failing report is logged, never fatal.
-    """
-    from prefect.artifacts import create_markdown_artifact
-
-    from pipeline.report import write_report
-
-    logger = get_run_logger()
     try:
-        path = write_report(cfg.run_dir)
-    except Exception as exc:  # noqa: BLE001 - the run's result must not depend on its report
-        logger.warning("report: not written (%s: %s); the manifest is complete", type(exc).__name__, exc)
-        return None
-    counts = info["counts"]
-    rows = "\n".join(f"| {reason} | {n} |" for reason, n in counts["by_reason"].items())
-    create_markdown_artifact(
-        key=f"winnow-{cfg.name}".lower().replace("_", "-"),
-        markdown=(
-            f"# winnow run `{cfg.name}`\n\n{counts['kept']} of {counts['samples']} samples kept.\n\n"
-            f"| reason | rows |\n|---|---|\n{rows}\n\n"
-            f"Report: [{path}](file://{path.resolve()})  \nManifest: `{cfg.run_dir.resolve() / 'manifest.parquet'}`\n"
-        ),
-        description=f"winnow curate summary for {cfg.name}",
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+            if state is None or state.is_final():
+                return f" (its flow run is {state.type.value if state else 'stateless'})"
+            client.set_flow_run_state(run_id, Crashed(message=f"process {holder.get('pid')} on {holder.get('host')} died "
+                                                              "holding the run directory (found by a later run)"), force=True)
+            return f" (its flow run was still {state.type.value} in Prefect: set to CRASHED)"
+    except Exception as exc:  # noqa: BLE001 - another server, or none: the run goes on
+        return f" (its flow run could not be checked: {type(exc).__name__})"
+
+
+def resolve_parameters(
+    config_path: str | None,
+    config: CurateConfig | dict[str, Any] | None,
+    *,
+    name: str | None = None,
+    keep_fraction: float | None = None,
+    steps: list[StepConfig] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CurateConfig:
+    """The run's config: exactly one of config_path / config, with the overrides merged and validated."""
+    if (config_path is None) == (config is None):
+        raise ValueError("give exactly one of config_path (a YAML file) and config (a whole config)")
+    if config_path is not None:
+        base = read_yaml_mapping(config_path)
+    else:
+        base = config.model_dump(mode="json") if isinstance(config, CurateConfig) else dict(config)
+    return merge_run_parameters(
+        base, name=name, keep_fraction=keep_fraction, overrides=overrides,
+        steps=[s.model_dump(mode="json") if isinstance(s, StepConfig) else dict(s) for s in steps] if steps is not None else None,
     )
-    logger.info("report: %s", path)
-    return path
 
 
-@stage_task
-def evaluate(cfg: CurateConfig) -> dict[str, Any]:
-    """The config's `evaluate:` block: the run's selection against random (pipeline/evaluate.py), into run.json."""
-    from pipeline.evaluate import evaluate_run, format_evaluation
-
-    result = evaluate_run(cfg.run_dir, cfg.evaluate)
-    get_run_logger().info("%s", format_evaluation(result))
-    return result
+def flow_run_tags(cfg: CurateConfig) -> list[str]:
+    """`winnow`, the dataset, the run and every step's scorer: filterable in the UI and by automations."""
+    return ["winnow", f"dataset:{dataset_name(cfg)}", f"run:{cfg.name}", *dict.fromkeys(f"step:{s.scorer}" for s in cfg.steps)]
 
 
-@io_task
-def export(cfg: CurateConfig) -> str:
-    uri = export_run(cfg.run_dir, cfg.export_uri)
-    get_run_logger().info("export: manifest, report and run.json copied to %s", uri)
-    return uri
+def dataset_name(cfg: CurateConfig) -> str:
+    """The source's folder or file name (its root, path or first URL), else its kind."""
+    args = cfg.source.model_extra or {}
+    for key in ("root", "path", "urls", "url", "embeddings", "table"):
+        value = args.get(key)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, str) and value.strip("/"):
+            return Path(value.rstrip("/")).name.split("{")[0] or cfg.source.kind
+    return cfg.source.kind
 
 
-def run_curate(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs the curate flow on the task runner its config names (`runner:`): the entry point for the CLI."""
-    cfg = CurateConfig.model_validate(config)
-    with shared_api(cfg.runner):
-        return curate.with_options(task_runner=make_task_runner(cfg.runner))(config)
+def _flow_run_name() -> str:
+    """`<config name>-<UTC time>`; from the parameters alone (the config file is read only for its name)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    name = params.get("name")
+    if name is None and isinstance(params.get("config"), dict | CurateConfig):
+        config = params["config"]
+        name = config.name if isinstance(config, CurateConfig) else config.get("name")
+    if name is None and params.get("config_path"):
+        try:
+            name = read_yaml_mapping(params["config_path"]).get("name")
+        except (OSError, ValueError):
+            name = None
+    return f"{name or 'curate'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-@flow(name="curate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def curate(config: dict[str, Any]) -> dict[str, Any]:
+def _mark_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure / on_crashed: writes <run_dir>/last_failure.json and, with `notify:` configured, sends it."""
+    logger = get_run_logger() if _in_run() else None
+    try:
+        if isinstance(state.result(raise_on_failure=False), RunLockedError):
+            return  # the run directory belongs to a live run: nothing of this run to mark there
+    except Exception:  # noqa: BLE001 - a result that cannot be read is not a lock refusal
+        pass
+    try:
+        params = flow_run.parameters or {}
+        cfg = resolve_parameters(params.get("config_path"), params.get("config"), name=params.get("name"),
+                                 keep_fraction=params.get("keep_fraction"), steps=params.get("steps"), overrides=params.get("overrides"))
+    except Exception:  # noqa: BLE001 - an invalid config has no run directory to mark
+        return
+    record = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "state": state.type.value,
+              "message": state.message, "host": socket.gethostname(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "url": flow_run_url(str(flow_run.id))}
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+    if cfg.notify:
+        sent = notify(cfg.notify, title=f"winnow run {cfg.name}: {state.type.value}",
+                      body=f"flow run {flow_run.name} ({flow_run.id}) {state.type.value}: {state.message}")
+        if logger is not None and not sent:
+            logger.warning("notify: Apprise could not deliver to %s", cfg.notify.split("://")[0] + "://...")
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def notify(url: str, *, title: str, body: str) -> bool:
+    """Sends one message through Apprise (installed with Prefect) to `url`; True when delivered."""
+    import apprise
+
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        return False
+    return bool(sender.notify(title=title, body=body))
+
+
+@flow(name="curate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1), flow_run_name=_flow_run_name,
+      on_failure=[_mark_failure], on_crashed=[_mark_failure])
+def curate(
+    config_path: str | None = None,
+    config: CurateConfig | None = None,
+    name: str | None = None,
+    keep_fraction: Annotated[float, Field(gt=0, le=1)] | None = None,
+    steps: list[StepConfig] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Embeds a dataset, clusters it, runs the configured scorers and writes a Parquet manifest.
 
-    `config` is the YAML config as a mapping (see pipeline/config.py); it is validated before any work.
-    Fan-out work (embedding shards, assignment shards, SemDeDup cluster batches) runs as tasks on the flow's
-    task runner (use run_curate to pick it from the config); fan-in work runs once here.
+    Args:
+        config_path: the YAML config file (read when the run starts; relative paths in it are resolved from the
+            worker's working directory).
+        config: a whole config instead of config_path.
+        name: run name (the run directory under output_root).
+        keep_fraction: sets the keep_fraction of every step that has one.
+        steps: replaces the config's steps (each `{scorer: NAME, knob: value, ...}`).
+        overrides: any other value by dotted key, like the CLI's --set (e.g. {"index.k": 50}).
+
+    The merged config is validated before any work. Fan-out work (embedding shards, assignment shards, SemDeDup
+    cluster batches, manifest parts) runs as tasks on the flow's task runner (run_curate picks it from the config).
     Returns the run summary (also written as run.json beside the manifest).
     """
-    cfg = CurateConfig.model_validate(config)
-    logger = get_run_logger()
-    stats = run_record.RunStats()
-    with stats.timed("ingest"):
-        plan = ingest(cfg)
-        check_before_embedding(cfg, plan)  # k > N, empty targets, labels: refused before any embedding
-        stats.counts.update(listing_counts(plan))  # unlistable folders: in run.json and the summary
-    with stats.timed("embed"):
-        if cfg.source.kind == "precomputed":
-            embedder = None
-            store = fill_store.ingest_precomputed(cfg, plan, fan_out=prefect_fan_out)
-        else:
-            embedder, store = prepare_embedder(cfg, Opaque(plan))
-            # a worker process rebuilds the embedder from the config and the store's saved state
-            local = cfg.runner.kind == "local"
-            calls = [
-                {"cfg": cfg, "source": plan.source, "refs": plan.refs[start:stop], "store_root": store.root, "shard": shard,
-                 "embedder": embedder if local else None}
-                for shard, (start, stop) in enumerate(plan.shards)
-            ]
-            status_counts: dict[str, int] = {}
-            for counts in prefect_fan_out(fill_store.embed_shard, calls):
-                for status, count in counts.items():
-                    status_counts[status] = status_counts.get(status, 0) + count
-            stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
-            del calls
-        plan.release_refs()  # one object per sample, not needed past embedding: freed before scoring
-    stats.counts["store_status"] = run_record.store_status_counts(store)
-    with stats.timed("index"):
-        emb, rows = open_rows(store)
-        kmeans = clustering.fit_index(cfg, store, emb, fan_out=prefect_fan_out)
-        logger.info("index: spherical k-means k=%d on %d embeddings (gpu=%s)", kmeans.params.k, len(emb), kmeans.used_gpu)
-    targets = {}
-    if fill_store.needs_targets(cfg):
-        with stats.timed("embed_targets"):
-            targets = embed_targets(cfg, embedder)
-    with stats.timed("score"):
-        columns, notes = scoring.score(cfg, store, emb, rows, kmeans, targets, fan_out=prefect_fan_out)
-    with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
-        path, counts = run_record.write_curate_manifest(cfg, store, rows, kmeans, columns, notes, stats, fan_out=prefect_fan_out)
-        logger.info("manifest: %d rows, %d kept → %s", counts["samples"], counts["kept"], path)
-    info = read_run_info(path.parent)
-    # run.json was written inside the manifest stage: the caller's copy also gets that stage's own time
-    info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
-    info["stage_spans"]["manifest"] = stats.spans["manifest"]
-    if cfg.evaluate is not None:
-        with stats.timed("evaluate"):
-            info["evaluation"] = evaluate(cfg)
-        info["timings_s"]["evaluate"] = round(stats.timings["evaluate"], 3)
-    if cfg.report:
-        report(cfg, info)
-    if cfg.export_uri:
-        info["exported_to"] = export(cfg)
-    return info
+    cfg = resolve_parameters(config_path, config, name=name, keep_fraction=keep_fraction, steps=steps, overrides=overrides)
+    _label_flow_run(cfg)
+    return run_curate_sequence(cfg, PrefectExecutor(cfg))
 
+
+def _label_flow_run(cfg: CurateConfig) -> None:
+    """Adds the config's tags to this flow run (they depend on the config, known only now)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    tags = sorted({*(context.flow_run.tags or []), *flow_run_tags(cfg)})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(context.flow_run.id, tags=tags)
+
+
+def run_curate(config: CurateConfig | dict[str, Any]) -> dict[str, Any]:
+    """Runs the curate flow on the task runner its config names (`runner:`): the entry point for the CLI."""
+    cfg = config if isinstance(config, CurateConfig) else CurateConfig.model_validate(config)
+    with shared_api(cfg.runner):
+        return curate.with_options(task_runner=make_task_runner(cfg.runner))(config=cfg)

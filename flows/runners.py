@@ -39,8 +39,10 @@ def make_task_runner(runner: RunnerConfig) -> Any:
         from prefect_ray import RayTaskRunner
     except ImportError as exc:
         raise ValueError("runner.kind ray needs prefect-ray: pip install 'winnow[ray]'") from exc
-    init_kwargs = {"num_cpus": runner.workers * runner.threads_per_worker, "include_dashboard": False}
-    return RayTaskRunner(address=runner.address, init_kwargs=init_kwargs) if runner.address else RayTaskRunner(init_kwargs=init_kwargs)
+    if runner.address:
+        # a standing cluster has its own size: Ray refuses num_cpus/num_gpus (and other node settings) with an address
+        return RayTaskRunner(address=runner.address)
+    return RayTaskRunner(init_kwargs={"num_cpus": runner.workers * runner.threads_per_worker, "include_dashboard": False})
 
 
 @contextmanager
@@ -79,14 +81,14 @@ def shared_api(runner: RunnerConfig) -> Iterator[None]:
             server.stop()
 
 
-def _io_error_only(task, task_run, state) -> bool:
+def io_error_only(task, task_run, state) -> bool:
     """Retry transient I/O failures only; a bad config or a duplicate uid fails the same way every time."""
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
 
 
 # Inputs are large arrays and open sources: never hash them for Prefect's cache.
-io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error_only)
+io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=io_error_only)
 
 
 class Opaque:
@@ -118,6 +120,6 @@ def prefect_fan_out(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list
 def _submit_all(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
     name = fn.__name__
     futures = [
-        fan_out_call.with_options(task_run_name=f"{name}-{i}").submit(fn, Opaque(call)) for i, call in enumerate(calls)
+        fan_out_call.with_options(name=name, task_run_name=f"{name}-{i}").submit(fn, Opaque(call)) for i, call in enumerate(calls)
     ]
     return [f.result() for f in futures]

@@ -130,6 +130,7 @@ class CurateConfig(Strict):
     seed: int = 0
     report: bool = True  # write report.html and a Prefect artifact at the end of the run
     evaluate: EvaluateConfig | None = None  # measure the selection against random after the run (README 'Evaluate')
+    notify: str | None = None  # an Apprise URL told when a flow run fails or crashes (e.g. mailto://..., slack://...)
 
     @model_validator(mode="after")
     def _consistent(self) -> CurateConfig:
@@ -442,3 +443,37 @@ def split_like_labels(source: dict[str, Any]) -> list[str]:
     except (OSError, KeyError, TypeError):
         return []
     return folders if folders and all(name.lower() in SPLIT_NAMES for name in folders) else []
+
+
+# ---- a deployment's typed parameters ------------------------------------------------------------------------------
+
+
+def merge_run_parameters(
+    base: dict[str, Any],
+    *,
+    name: str | None = None,
+    keep_fraction: float | None = None,
+    steps: list[dict[str, Any]] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CurateConfig:
+    """A config mapping with a run's explicit overrides applied, validated as a whole before any work.
+
+    `overrides` are dotted keys like the CLI's --set (e.g. {"index.k": 50}); then `name`, `steps` (the whole list)
+    and `keep_fraction`, which sets the keep_fraction of every step that has one (an error when none has).
+    """
+    import copy
+
+    raw = copy.deepcopy(base)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    if name is not None:
+        raw["name"] = name
+    if steps is not None:
+        raw["steps"] = [dict(s) for s in steps]
+    if keep_fraction is not None:
+        budgeted = [s for s in raw.get("steps") or [] if isinstance(s, dict) and "keep_fraction" in s]
+        if not budgeted:
+            raise ValueError("keep_fraction given but no step of this config has a keep_fraction to set")
+        for step in budgeted:
+            step["keep_fraction"] = keep_fraction
+    return CurateConfig.model_validate(raw)

@@ -1,9 +1,11 @@
 """Writing, validating and reading manifests (schema in manifests/schema.py) and their run.json sidecar."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from collections.abc import Callable
@@ -131,9 +133,10 @@ def commit_manifest(
     run_path = out_dir / RUN_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob(f".{MANIFEST_FILE}.*.tmp"), *out_dir.glob(f".{MANIFEST_FILE}.*.old"), *out_dir.glob(f".{RUN_FILE}.*.tmp")]:
-        # what a killed writer left behind (its finally block never ran); one writer per run directory
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    token = uuid.uuid4().hex[:8]
+        # what a killed writer left behind (its finally block never ran); a live writer's files are left alone
+        if not _owner_alive(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    token = f"{_HOST_ID}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # names its writer: see _owner_alive
     staging = out_dir / f".{MANIFEST_FILE}.{token}.tmp"
     aside = out_dir / f".{MANIFEST_FILE}.{token}.old"
     tmp_run = out_dir / f".{RUN_FILE}.{token}.tmp"
@@ -160,6 +163,24 @@ def commit_manifest(
             else:
                 leftover.unlink(missing_ok=True)
     return path
+
+
+_HOST_ID = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the writer named in a temporary file's name (`.<file>.<host>-<pid>-<token>.tmp`) may still be running.
+
+    Only a writer of this machine whose pid is gone is known dead; another machine's, or a name without an owner,
+    counts as alive (left in place rather than deleted under a live writer).
+    """
+    from pipeline.runlock import pid_alive
+
+    parts = name.split(".")
+    owner = parts[-2].split("-") if len(parts) >= 3 else []
+    if len(owner) != 3 or owner[0] != _HOST_ID or not owner[1].isdigit():
+        return True
+    return pid_alive(int(owner[1]))
 
 
 def write_part(part: pl.DataFrame, path: Path) -> int:

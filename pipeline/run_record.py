@@ -30,6 +30,7 @@ class RunStats:
     spans: dict[str, list[float]] = field(default_factory=dict)  # stage → [first start, last end], Unix time
 
     running: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage → (perf_counter, Unix time) at start
+    flow_run: dict[str, Any] | None = None  # {"id", "url"} of the Prefect flow run doing the work (None outside Prefect)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -145,6 +146,7 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], n
         "orientation": {name: registry()[name].orientation for name in {s.scorer for s in cfg.steps}},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "stage_spans": spans,
+        "flow_run": stats.flow_run,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

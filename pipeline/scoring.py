@@ -1,6 +1,7 @@
 """The score stage: the configured steps (scorers/step.py's registry) run in order over the store's ok rows."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,12 @@ def score(
     kmeans: KMeansResult,
     targets: dict[str, np.ndarray] | None = None,
     fan_out: FanOut | None = None,
+    stage: Stage | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Runs the configured steps over the ok rows; returns run_steps' per-row columns and one note per step."""
+    """Runs the configured steps over the ok rows; returns run_steps' per-row columns and one note per step.
+
+    `stage` runs each step as a named stage (`score_<scorer>`: a Prefect task in the flow); by default, a plain call.
+    """
     targets = targets or {}
 
     def meta(names: list[str]) -> dict[str, np.ndarray]:
@@ -67,10 +72,16 @@ def score(
         captions=ok_meta("caption"),
         knn_index=lambda x, seed: build_knn_index(x, KnnParams(seed=seed)),  # exact below 200k rows, IVF above
     )
-    return run_steps(ctx, steps)
+    return run_steps(ctx, steps, stage=stage)
 
 
-def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+# Runs fn(*args, **kwargs) as a named stage (pipeline.sequence's Executor.stage): a Prefect task in the flow.
+Stage = Callable[..., Any]
+
+
+def run_steps(
+    ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]], *, stage: Stage | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Applies steps in order. Returns the manifest columns for scored rows and one note per step.
 
     Columns: reason (None where kept), dup_of (row index or -1), weight (mean 1 over the kept rows, 0 elsewhere;
@@ -93,7 +104,7 @@ def run_steps(ctx: ScoringContext, steps: list[tuple[str, dict[str, Any]]]) -> t
         if "labels" in spec.needs and ctx.labels is None:
             raise ValueError(f"{name} needs labels; the source has none (image_folder class subfolders, or a label column)")
         failpoint("score_step")
-        out = spec.fn(ctx, **knobs)
+        out = stage(f"score_{name}", spec.fn, ctx, **knobs) if stage is not None else spec.fn(ctx, **knobs)
         declared = spec.score_columns(knobs)
         for col, values in out.scores.items():
             if col not in declared:

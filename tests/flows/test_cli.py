@@ -47,7 +47,14 @@ def test_deploy_builds_a_cron_schedule(prefect_server, tmp_path):
     deployment = build_deployment(cfg, cron="0 3 * * *")
     assert deployment.name == "nightly"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
-    assert deployment.parameters["config"]["embed"]["kind"] == "pixels"
+    # the config file by absolute path (read at each run); overrides are typed parameters of their own
+    assert deployment.parameters == {"config_path": str(cfg.resolve())}
+    props = deployment._parameter_openapi_schema.properties
+    assert {"config_path", "config", "name", "keep_fraction", "steps", "overrides"} <= set(props)
+    assert {"winnow", "run:nightly", "dataset:x", "step:exact_dup"} <= set(deployment.tags)
+    assert build_deployment(cfg, interval=30).schedules[0].schedule.interval.total_seconds() == 30
+    with pytest.raises(ValueError, match="one schedule"):
+        build_deployment(cfg)
     assert main(["deploy", str(cfg), "--cron", "0 3 * * *", "--dry-run"]) == 0
 
 

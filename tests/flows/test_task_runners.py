@@ -28,7 +28,9 @@ def test_ray_local_or_remote():
     prefect_ray = pytest.importorskip("prefect_ray", reason="prefect-ray is not installed (extra: ray)")
     local = make_task_runner(RunnerConfig(kind="ray", workers=2))
     assert isinstance(local, prefect_ray.RayTaskRunner) and local.init_kwargs["num_cpus"] == 2
-    assert make_task_runner(RunnerConfig(kind="ray", address="ray://head:10001")).address == "ray://head:10001"
+    remote = make_task_runner(RunnerConfig(kind="ray", address="ray://head:10001", workers=4))
+    # ray.init refuses num_cpus/num_gpus with an address (a standing cluster has its own size)
+    assert remote.address == "ray://head:10001" and "num_cpus" not in remote.init_kwargs and "num_gpus" not in remote.init_kwargs
 
 
 def test_bad_runner_settings_are_config_errors():
