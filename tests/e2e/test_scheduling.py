@@ -5,7 +5,6 @@ killed run's stale RUNNING state found by the next run; `winnow deploy` without 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,9 +20,6 @@ from pipeline.manifest import read_manifest, read_run_info
 from tests.e2e._servers import REPO, client_env, make_images, prefect_server, stop_group, write_config
 
 pytestmark = pytest.mark.slow
-# Not yet seen passing (the machine was too loaded to finish them before the deadline): opt-in until they have.
-UNVERIFIED = pytest.mark.skipif(not os.environ.get("WINNOW_SCHEDULING_EXTRA"),
-                                reason="opt-in: set WINNOW_SCHEDULING_EXTRA=1 (not yet seen passing)")
 
 
 def api(url: str, path: str, body: dict | None = None, method: str | None = None) -> object:
@@ -136,7 +132,6 @@ def _state_message(url: str, run_id: str) -> str:
     return str(api(url, f"/flow_runs/{run_id}")["state"].get("message"))
 
 
-@UNVERIFIED
 def test_second_run_of_a_run_directory_fails_naming_the_first_and_a_killed_run_is_found_stale(server, images, tmp_path):
     url, _ = server
     out = tmp_path / "runs"
@@ -175,7 +170,6 @@ def test_second_run_of_a_run_directory_fails_naming_the_first_and_a_killed_run_i
         first_log.close()
 
 
-@UNVERIFIED
 def test_deploy_to_a_process_work_pool(server, images, tmp_path):
     url, _ = server
     cfg = write_config(tmp_path / "pooled.yaml", images, tmp_path / "runs", "pooled")
@@ -190,7 +184,6 @@ def test_deploy_to_a_process_work_pool(server, images, tmp_path):
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
 
-@UNVERIFIED
 def test_deploy_without_a_server_is_one_line(tmp_path, images):
     cfg = write_config(tmp_path / "c.yaml", images, tmp_path / "runs", "nosrv")
     out = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", str(cfg), "--cron", "0 3 * * *"], cwd=REPO,

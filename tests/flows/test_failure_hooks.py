@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -26,7 +25,6 @@ class _Inbox(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(not os.environ.get("WINNOW_SCHEDULING_EXTRA"), reason="opt-in: set WINNOW_SCHEDULING_EXTRA=1 (not yet seen passing)")
 def test_failed_run_is_marked_and_notified(prefect_server, tmp_path: Path) -> None:
     from flows.curate import FAILURE_FILE, run_curate
 
