@@ -95,6 +95,6 @@ def test_no_import_cycle():
 def test_the_walker_sees_local_and_relative_imports(tmp_path):
     """The walker itself: a function-local import and a `from package import module` both count."""
     graph = _graph()
-    assert "pipeline.fill_store" in graph["pipeline.stages"]  # from pipeline.fill_store import ...
-    assert "pipeline.clustering" in graph["flows.curate"]  # from pipeline import clustering
+    assert "pipeline.fill_store" in graph["pipeline.sequence"]  # from pipeline.fill_store import ...
+    assert "pipeline.progress" in graph["flows.console"]  # from pipeline import progress
     assert "pipeline.embed" in graph["pipeline.fill_store"]  # a function-local import
