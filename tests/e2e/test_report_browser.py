@@ -19,8 +19,8 @@ from flows.demo import digit_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1280, 4000)
-SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "grids", "duplicates",
-            "hardest-easiest"]
+SECTIONS = ["summary", "counts", "kept-by-class", "kept-by-cluster", "histograms", "dbp", "semdedup", "evaluation", "grids",
+            "duplicates", "hardest-easiest", "check-galleries"]
 
 # Injected into a copy of the report only (the report itself has no script): after load, every <img> records
 # what the browser made of it, so the dumped DOM says which data: URIs really decoded.
