@@ -22,11 +22,20 @@ from tests.e2e._servers import REPO, client_env, make_images, prefect_server, st
 pytestmark = pytest.mark.slow
 
 
-def api(url: str, path: str, body: dict | None = None, method: str | None = None) -> object:
+RETRYABLE = {429, 502, 503}  # what Prefect's own client retries: the server answers 503 when its SQLite database is busy
+
+
+def api(url: str, path: str, body: dict | None = None, method: str | None = None, attempts: int = 8) -> object:
     request = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method=method or ("POST" if body is not None else "GET"))
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRYABLE or attempt == attempts - 1:
+                raise
+            time.sleep(min(2 ** attempt, 10))
 
 
 def flow_runs(url: str, deployment_id: str) -> list[dict]:
