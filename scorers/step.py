@@ -10,6 +10,8 @@ How to add a scorer (one file, plus its test):
 
 1. Write scorers/<name>.py: pure functions, arrays in and scores out, keyword-only knobs, a docstring with the method,
    the source paper and the score's orientation. Import nothing from pipeline/ or flows/ (tests/test_layers.py checks).
+   Config validation imports the file, so bind torch and faiss with `torch = lazy_module("torch")` (scorers/lazy.py),
+   not `import torch` (tests/flows/test_cli_first_use.py checks that a knob typo imports neither).
 2. At the bottom of that file, the step adapter, declared with @step:
 
        @step("my_scorer", reason="my_scorer", needs=("labels",),
@@ -25,14 +27,16 @@ How to add a scorer (one file, plus its test):
 3. Add the scorer's row to README.md's scorer table (tests/scorers/test_registry.py checks the table against the registry)
    and write tests/scorers/test_<name>.py.
 
-Nothing else: registry() imports every module of the scorers package, so a new file's steps reach config validation
-(knobs, closest-name suggestions, exactly-one groups, types and ranges), the labels check before embedding, the
-manifest validator (the step's reason), run.json (its orientation) and the report (its score columns).
+Nothing else: registry() imports every module of the scorers package whose source holds `@step(`, so a new file's
+steps reach config validation (knobs, closest-name suggestions, exactly-one groups, types and ranges), the labels check
+before embedding, the manifest validator (the step's reason), run.json (its orientation) and the report (its score
+columns).
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -254,17 +258,29 @@ def step(
 
 
 def registry() -> dict[str, StepSpec]:
-    """Every registered step by name. Imports each module of the scorers package first (a module registers its
-    steps when imported), so a scorer in a new file is found with no other edit."""
+    """Every registered step by name. Imports each module of the scorers package that declares a step first (a
+    module registers its steps when imported), so a scorer in a new file is found with no other edit."""
     import scorers
 
     for info in pkgutil.iter_modules(scorers.__path__):
-        module = importlib.import_module(f"scorers.{info.name}")
+        name = f"scorers.{info.name}"
+        if not _declares_steps(name):
+            continue  # config validation must not pay for helpers such as distill.py that import torch
+        module = importlib.import_module(name)
         for value in vars(module).values():
             spec = getattr(value, "__step_spec__", None) if inspect.isfunction(value) else None
             if spec is not None and spec.fn is value and spec.name not in _REGISTRY:
                 _REGISTRY[spec.name] = spec
     return _REGISTRY
+
+
+def _declares_steps(module: str) -> bool:
+    """Whether the module's source uses the @step decorator (read, not imported)."""
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec is not None else None
+    if origin is None or not origin.endswith(".py"):
+        return True  # no source to read (a compiled module): import it to see
+    return "@step(" in Path(origin).read_text(encoding="utf-8")
 
 
 # ---- config validation ----------------------------------------------------------------------------------------------

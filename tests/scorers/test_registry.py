@@ -96,6 +96,14 @@ def test_a_scorer_in_a_new_file_runs_end_to_end(toy_scorer, tmp_path):
         validate_steps([("toy_first", {})])
 
 
+def test_the_registry_imports_only_files_that_declare_a_step(toy_scorer):
+    """A helper file without @step (like distill.py, which imports torch) is not imported to validate a config."""
+    helper = Path(scorers.__path__[-1]) / "toy_helper.py"
+    helper.write_text('raise RuntimeError("a file without @step was imported by registry()")\n')
+    assert toy_scorer in registry()
+    assert "scorers.toy_helper" not in sys.modules
+
+
 def test_the_readme_scorer_table_matches_the_registry():
     """Every registered step has a row in README.md's scorer table with its drop reason and exactly its score columns."""
     text = (ROOT / "README.md").read_text()
