@@ -20,11 +20,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from scorers.el2n import Head, el2n_embedding_scores, margins
+from scorers.lazy import lazy_module
 from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, scatter, select_among_alive, step
+
+# Imported on first use, not when config validation imports this module (scorers/lazy.py).
+torch = lazy_module("torch")
 
 __all__ = ["aum_from_logits", "margins", "aum_embedding_scores"]
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import re
 
-import torch
+from scorers.lazy import lazy_module
+
+# Imported on first use: step modules import this one, and config validation imports them (scorers/lazy.py).
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

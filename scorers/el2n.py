@@ -41,16 +41,18 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
-import torch
 from pydantic import Field
-
-import torch.nn.functional as F
-from torch import nn
 
 from scorers.arrays import encode_labels
 from scorers.device import select_device
+from scorers.lazy import lazy_module
 from scorers.select import RULES
 from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, budget_for, rule_knobs, scatter, select_among_alive, step
+
+# Imported on first use, not when config validation imports this module (scorers/lazy.py).
+torch = lazy_module("torch")
+nn = lazy_module("torch.nn")
+F = lazy_module("torch.nn.functional")
 
 __all__ = [
     "EL2NResult",
@@ -143,75 +145,6 @@ class _RowSource:
         return rows.to(self.device).view(*idx.shape, self.d)
 
 
-class _BatchedHeads(nn.Module):
-    """``S × K`` independent proxy heads (seed × fold) held as stacked tensors and trained in one pass.
-
-    Weights are laid out ``[D, S, K, ·]`` so one GEMM evaluates every head on a shared batch.
-    """
-
-    def __init__(
-        self, kind: str, n_seeds: int, n_folds: int, dim: int, n_classes: int, hidden: int, init_seeds: list[int]
-    ) -> None:
-        super().__init__()
-        self.kind = kind
-        self.n_seeds, self.n_folds, self.n_classes, self.hidden = n_seeds, n_folds, n_classes, hidden
-
-        gens = [torch.Generator().manual_seed(init_seeds[s]) for s in range(n_seeds)]
-
-        def stacked(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
-            # nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), each seed from its own stream.
-            bound = 1.0 / math.sqrt(fan_in)
-            parts = []
-            for s in range(n_seeds):
-                parts.append((torch.rand((n_folds, *shape), generator=gens[s]) * 2 - 1) * bound)
-            return nn.Parameter(torch.stack(parts))  # [S, K, *shape]
-
-        if kind == "linear":
-            self.w = nn.Parameter(stacked((dim, n_classes), dim).data.permute(2, 0, 1, 3).contiguous())
-            self.b = stacked((n_classes,), dim)
-        else:
-            self.w1 = nn.Parameter(stacked((dim, hidden), dim).data.permute(2, 0, 1, 3).contiguous())
-            self.b1 = stacked((hidden,), dim)
-            self.w2 = stacked((hidden, n_classes), hidden)
-            self.b2 = stacked((n_classes,), hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, D]`` shared batch → logits ``[B, S, K, C]`` for every head."""
-        b, d = x.shape
-        s, k, c = self.n_seeds, self.n_folds, self.n_classes
-        if self.kind == "linear":
-            return (x @ self.w.view(d, -1)).view(b, s, k, c) + self.b
-        h = self.hidden
-        z = torch.relu((x @ self.w1.view(d, -1)).view(b, s, k, h) + self.b1)
-        out = torch.bmm(z.view(b, s * k, h).transpose(0, 1), self.w2.view(s * k, h, c))  # [S*K, B, C]
-        return out.transpose(0, 1).reshape(b, s, k, c) + self.b2
-
-    def score_one(
-        self, s: int, k: int, x: torch.Tensor, y: torch.Tensor, grand_params: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head ``(s, k)`` on rows ``x`` ``[R, D]`` → (logits, EL2N, GraNd), GraNd in closed form."""
-        onehot = F.one_hot(y, num_classes=self.n_classes).to(x.dtype)
-        x_sq = x.pow(2).sum(1)
-        if self.kind == "linear":
-            logits = x @ self.w[:, s, k] + self.b[s, k]
-            err = torch.softmax(logits, dim=1) - onehot
-            el2n = err.norm(dim=1)
-            return logits, el2n, el2n * torch.sqrt(x_sq + 1.0)
-        pre = x @ self.w1[:, s, k] + self.b1[s, k]
-        z = torch.relu(pre)
-        logits = z @ self.w2[s, k] + self.b2[s, k]
-        err = torch.softmax(logits, dim=1) - onehot
-        el2n = err.norm(dim=1)
-        # d loss / d (w2, b2) = (z ⊗ err, err)  →  ‖err‖² (‖z‖² + 1)
-        sq = el2n.pow(2) * (z.pow(2).sum(1) + 1.0)
-        if grand_params == "all":
-            # d loss / d (w1, b1) = (x ⊗ delta, delta), delta = (err W2ᵀ) ⊙ relu'(pre)
-            delta = (err @ self.w2[s, k].T) * (pre > 0).to(x.dtype)
-            sq = sq + delta.pow(2).sum(1) * (x_sq + 1.0)
-        return logits, el2n, torch.sqrt(sq)
-
-
-
 def el2n_embedding_scores(
     emb: np.ndarray,
     labels: np.ndarray | Sequence[Any],
@@ -273,6 +206,7 @@ def el2n_embedding_scores(
     plus, at scoring, ``n_seeds`` passes through one head each. 50k × 512 with the defaults: a few
     seconds on 2 CPU cores.
     """
+    from scorers.nets import BatchedHeads  # here, not at the top: it imports torch
     t0 = time.perf_counter()
     x_arr = emb if isinstance(emb, np.ndarray) else np.asarray(emb)
     if x_arr.ndim != 2:
@@ -308,7 +242,7 @@ def el2n_embedding_scores(
                       for s in range(n_seeds)])  # [S, n]
     init_seeds = [_seed_ints(seed, s, 1)[0] for s in range(n_seeds)]
     shuffle_gen = torch.Generator().manual_seed(_seed_ints(seed, 0, 2)[0])
-    heads = _BatchedHeads(head, n_seeds, n_folds, dim, n_classes, hidden_dim, init_seeds).to(dev)
+    heads = BatchedHeads(head, n_seeds, n_folds, dim, n_classes, hidden_dim, init_seeds).to(dev)
     opt = torch.optim.Adam(heads.parameters(), lr=lr, weight_decay=weight_decay)
 
     y_t = torch.from_numpy(codes).to(dev)
@@ -502,8 +436,9 @@ def per_example_grad_norms(
     return torch.cat(norms) if norms else torch.zeros(0)
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """Wraps a dataset of ``(x, y)`` items so batches also carry the row index."""
+class _Indexed:
+    """Wraps a dataset of ``(x, y)`` items so batches also carry the row index (a map-style dataset: DataLoader
+    needs only __len__ and __getitem__, so no torch base class)."""
 
     def __init__(self, base: torch.utils.data.Dataset) -> None:
         self.base = base

@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
-import torch
 
 from scorers.arrays import check_emb
 from scorers.device import select_device
+from scorers.lazy import lazy_module
 from scorers.step import Fraction, Score, ScoringContext, StepOutput, select_among_alive, step
+
+# Imported on first use, not when config validation imports this module (scorers/lazy.py).
+torch = lazy_module("torch")
 
 __all__ = [
     "distance_to_centroid",

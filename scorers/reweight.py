@@ -33,17 +33,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
 
 from scorers.arrays import encode_labels, unit_rows
 from scorers.device import select_device
+from scorers.lazy import lazy_module
 from scorers.select import class_median_distance, proportional_budgets, select
 from scorers.step import Count, Fraction, Score, ScoringContext, StepOutput, step
+
+# Imported on first use, not when config validation imports this module (scorers/lazy.py).
+faiss = lazy_module("faiss")
+torch = lazy_module("torch")
+nn = lazy_module("torch.nn")
+F = lazy_module("torch.nn.functional")
 
 __all__ = [
     "MWNResult",
@@ -57,6 +59,15 @@ __all__ = [
     "voronoi_cell_sizes",
     "facility_location",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`WeightNet` stays importable from here (PEP 562) without importing torch with this module."""
+    if name == "WeightNet":
+        from scorers.nets import WeightNet
+
+        return WeightNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -107,17 +118,6 @@ def _f32(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 # Meta-Weight-Net
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-class WeightNet(nn.Module):
-    """Meta-Weight-Net: per-sample loss ``[B, 1]`` -> weight in (0, 1) ``[B, 1]`` (1 -> hidden -> 1, sigmoid)."""
-
-    def __init__(self, hidden: int = 100) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, loss: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(loss))
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,7 @@ def meta_weight_net_weights(
     Returns:
         :class:`MWNResult` with one weight per coreset row, in ``coreset_idx`` order.
     """
+    from scorers.nets import WeightNet  # here, not at the top: it imports torch
     t0 = time.perf_counter()
     x_all = np.asarray(emb)
     if x_all.ndim < 2:
@@ -304,7 +305,7 @@ def meta_weight_net_weights(
             xb, yb = xt[ib], yt[ib]
             # 1. virtual SGD step, differentiable w.r.t. the weight net.
             params = dict(proxy.named_parameters())
-            loss_vec = F.cross_entropy(functional_call(proxy, params, (xb,)), yb, reduction="none")
+            loss_vec = F.cross_entropy(torch.func.functional_call(proxy, params, (xb,)), yb, reduction="none")
             w = wnet(loss_vec.detach().unsqueeze(1)).squeeze(1)
             grads = torch.autograd.grad(_wmean(loss_vec, w), [params[k] for k in names], create_graph=True)
             cur_lr = opt.param_groups[0]["lr"]
@@ -315,7 +316,7 @@ def meta_weight_net_weights(
                 meta_pos = 0
             im = meta_perm[meta_pos:meta_pos + meta_batch_size]
             meta_pos += meta_batch_size
-            meta_loss = F.cross_entropy(functional_call(proxy, look_ahead, (xt[im],)), yt[im])
+            meta_loss = F.cross_entropy(torch.func.functional_call(proxy, look_ahead, (xt[im],)), yt[im])
             meta_grads = torch.autograd.grad(meta_loss, list(wnet.parameters()))
             meta_opt.zero_grad(set_to_none=True)
             for p_, g_ in zip(wnet.parameters(), meta_grads):

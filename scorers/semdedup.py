@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from scorers.arrays import check_emb, check_keep, rank_key, uid_ranks
 from scorers.device import select_device
+from scorers.lazy import lazy_module
 from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_view, scatter, step
 
 from scorers.prototypes import (
@@ -40,6 +40,9 @@ from scorers.prototypes import (
     fp32_matmul,
     unit_centroids,
 )
+
+# Imported on first use, not when config validation imports this module (scorers/lazy.py).
+torch = lazy_module("torch")
 
 __all__ = [
     "SemDedupResult",

@@ -10,12 +10,12 @@ from torch import nn
 
 from scorers.el2n import (
     EL2NResult,
-    _BatchedHeads,
     el2n_embedding_scores,
     el2n_model_scores,
     encode_labels,
     per_example_grad_norms,
 )
+from scorers.nets import BatchedHeads
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +102,7 @@ def test_cross_fitting_keeps_mislabels_high_under_a_memorising_head() -> None:
     assert top_share(r.el2n, flipped, 0.15) >= 0.8
 
 
-def _head_as_module(heads: _BatchedHeads, s: int, k: int) -> nn.Sequential:
+def _head_as_module(heads: BatchedHeads, s: int, k: int) -> nn.Sequential:
     d, h, c = heads.w1.shape[0], heads.hidden, heads.n_classes
     mod = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, c))
     with torch.no_grad():
@@ -116,7 +116,7 @@ def _head_as_module(heads: _BatchedHeads, s: int, k: int) -> nn.Sequential:
 @pytest.mark.parametrize("grand_params", ["all", "last"])
 def test_mlp_head_grand_equals_torch_func_gradients(grand_params: str) -> None:
     torch.manual_seed(0)
-    heads = _BatchedHeads("mlp", n_seeds=2, n_folds=3, dim=7, n_classes=4, hidden=5, init_seeds=[11, 12])
+    heads = BatchedHeads("mlp", n_seeds=2, n_folds=3, dim=7, n_classes=4, hidden=5, init_seeds=[11, 12])
     x = torch.randn(40, 7) * 2
     y = torch.randint(0, 4, (40,))
     with torch.no_grad():
