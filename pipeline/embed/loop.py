@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import signal
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -190,6 +191,9 @@ def _worker_init(_: int) -> None:
     # torch already gives each worker one intra-op thread; said here too because it is what keeps the
     # workers' tensor ops (ToTensor, Normalize) from competing with the encoder's threads in the main process.
     torch.set_num_threads(1)
+    # A terminal's Ctrl-C reaches the whole process group: the workers leave it to the main process, which stops the
+    # run and ends them; a worker dying of it first would fail its shard's task before the stop is known.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _modules_of(*objects: Any) -> list[str]:
