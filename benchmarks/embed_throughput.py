@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preprocess-seconds", type=float, default=1.5, help="per case and round in part 1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument("--parts", default="preprocess,e2e",
+                    help="which parts to run; a part not run keeps its figures from an existing --out file")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "embed_throughput.json")
     args = ap.parse_args(argv)
     if not CIFAR.is_dir() or not PHOTOS.is_dir():
@@ -244,16 +246,25 @@ def main(argv: list[str] | None = None) -> int:
     folders = {f"photos@{w}x{h}": realistic_jpegs(tmp, (w, h)) for w, h in SIZES}
     torch.manual_seed(0)
     vit = ClipEmbedder("ViT-B-32", None, device=args.device, decode="cpu")
-    preprocess = bench_preprocess(folders, vit, min_seconds=args.preprocess_seconds, repeats=args.repeats)
+    parts = set(args.parts.split(","))
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() and parts != {"preprocess", "e2e"} else {}
+    preprocess = earlier.get("preprocess_per_core", [])
+    if "preprocess" in parts:
+        preprocess = bench_preprocess(folders, vit, min_seconds=args.preprocess_seconds, repeats=args.repeats)
+        load_after_preprocess = os.getloadavg()[0]
+    else:
+        load_after_preprocess = earlier.get("load_average_1m_after_preprocess")
 
     tiny = ClipEmbedder(register_tiny(), None, device=args.device, decode="auto")
     cifar, photos = ImageFolderSource(CIFAR), ImageFolderSource(folders["photos@1024x768"])
-    runs = [
-        bench_model(tiny, cifar, "cifar", args.tiny_images, batch=args.batch, workers=args.workers, repeats=args.repeats),
-        bench_model(tiny, photos, "photos@1024x768", args.photo_images, batch=args.batch, workers=args.workers,
-                    repeats=args.repeats),
-    ]
-    if not args.skip_vit:
+    runs = earlier.get("runs", [])
+    if "e2e" in parts:
+        runs = [
+            bench_model(tiny, cifar, "cifar", args.tiny_images, batch=args.batch, workers=args.workers, repeats=args.repeats),
+            bench_model(tiny, photos, "photos@1024x768", args.photo_images, batch=args.batch, workers=args.workers,
+                        repeats=args.repeats),
+        ]
+    if "e2e" in parts and not args.skip_vit:
         vit_auto = ClipEmbedder("ViT-B-32", None, device=args.device, decode="auto")
         for label, src in (("cifar", cifar), ("photos@1024x768", photos)):
             runs.append(bench_model(vit_auto, src, label, args.vit_images, batch=args.batch, workers=args.workers,
@@ -269,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "load_average_1m_at_end": os.getloadavg()[0],
+        "load_average_1m_after_preprocess": load_after_preprocess,
+        "load_average_1m_at_end": os.getloadavg()[0] if "e2e" in parts else earlier.get("load_average_1m_at_end"),
         "preprocess_per_core": preprocess,
         "runs": runs,
     }
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"device: {result['machine']['cuda'] or 'cpu'}, {result['machine']['cpus']} cpus, batch {args.batch}, "
-          f"workers {args.workers}, load average {result['load_average_1m_at_end']:.1f} (shared machine)")
+          f"workers {args.workers}, load average {result['load_average_1m_after_preprocess']} after part 1, {result['load_average_1m_at_end']} at the end (shared machine)")
     pcols = ["data", "reference_img_s", "old_worker_img_s", "fast_img_s", "pil_decode_img_s", "tv_decode_jpeg_img_s",
              "fast_over_reference"]
     for r in preprocess:

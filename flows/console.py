@@ -1,8 +1,7 @@
-"""How a `winnow run` behaves at the terminal: a quieter console, stage progress in Prefect's logs, a clean Ctrl-C.
+"""How a `winnow run` behaves at the terminal: a quieter console (stage progress on one redrawn line), a clean Ctrl-C.
 
 Prefect logs a "Finished in state Completed()" line for every task (one per shard, cluster batch and manifest part);
-`setup_console` hides those on the console (they still reach the Prefect API / UI; `-v` keeps them), sends the stage
-progress lines of pipeline/progress.py to the flow run's logger, and starts Prefect's temporary server in a session of
+`setup_console` hides those on the console (they still reach the Prefect API / UI; `-v` keeps them) and starts Prefect's temporary server in a session of
 its own: a terminal's Ctrl-C (SIGINT to the whole foreground process group) then reaches winnow but not the server, so
 the flow run can still be recorded as stopped before the server is shut down.
 """
@@ -44,13 +43,6 @@ class _ConsoleFilter(logging.Filter):
         return not text.startswith("Crash detected! Execution was aborted by an interrupt signal")
 
 
-def _flow_logger() -> Any:
-    from prefect.logging import get_run_logger
-
-    logger = get_run_logger()
-    return lambda text: logger.info(text, extra={"winnow_progress": True})
-
-
 class _DetachedSubprocess:
     """The `subprocess` module as Prefect's server module sees it: Popen starts a new session."""
 
@@ -64,8 +56,8 @@ class _DetachedSubprocess:
 
 
 def setup_console(*, verbose: bool = False) -> None:
-    """Console filter on the root logger's handlers (Prefect's console handler lives there), progress lines to the
-    flow run's logger, and Prefect's temporary server out of the terminal's process group."""
+    """Console filter on the root logger's handlers (Prefect's console handler lives there) and Prefect's temporary
+    server out of the terminal's process group."""
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.server.api import server
 
@@ -74,7 +66,6 @@ def setup_console(*, verbose: bool = False) -> None:
         for old in [f for f in handler.filters if isinstance(f, _ConsoleFilter)]:
             handler.removeFilter(old)
         handler.addFilter(_ConsoleFilter(quiet=not verbose))
-    progress.set_sink_factory(_flow_logger)
     server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)

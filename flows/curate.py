@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import Opaque, io_error_only, make_task_runner, prefect_fan_out, shared_api
+from pipeline import progress
 from pipeline.config import CurateConfig, StepConfig, merge_run_parameters, read_yaml_mapping
 from pipeline.runlock import RunLockedError, describe
 from pipeline.sequence import run_curate_sequence
@@ -45,6 +46,7 @@ class PrefectExecutor:
         from prefect.context import FlowRunContext
 
         self.shares_memory = cfg.runner.kind == "local"
+        progress.set_sink_factory(prefect_progress_sink)
         context = FlowRunContext.get()
         self.flow_run_id = str(context.flow_run.id) if context and context.flow_run else None
         self.flow_run_url = flow_run_url(self.flow_run_id) if self.flow_run_id else None
@@ -82,6 +84,29 @@ class PrefectExecutor:
             ),
             description=f"winnow curate summary for {cfg.name}",
         )
+
+
+def prefect_progress_sink(stage_name: str) -> progress.Sink:
+    """A stage's progress inside a flow run: each progress line into the flow run's log, and a progress artifact (the
+    UI's bar for the stage, its description the latest line). Raises outside a run context (progress then logs plainly)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    try:
+        artifact = create_progress_artifact(0.0, description=f"winnow {stage_name}")
+    except Exception as exc:  # noqa: BLE001 - the bar is a nicety: the log lines carry the same
+        logger.debug("no progress artifact for %s: %s", stage_name, exc)
+        artifact = None
+
+    def emit(text: str, fraction: float) -> None:
+        logger.info(text, extra={"winnow_progress": True})
+        if artifact is not None:
+            try:
+                update_progress_artifact(artifact, 100.0 * fraction, description=text)
+            except Exception:  # noqa: BLE001, S110 - as above; a failed update must never fail the stage
+                pass
+
+    return emit
 
 
 def flow_run_url(flow_run_id: str) -> str | None:

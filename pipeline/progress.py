@@ -4,7 +4,8 @@ A fan-out stage (embedding shards, k-means assignment shards, SemDeDup cluster b
 `stage(...)`; work reports with `advance(n)` from any thread (an embedding shard per batch of images), and a call that
 reported less than its size is topped up when it returns (a shard already done, or work in a worker process, where
 there is no display). The display is one line redrawn on a terminal (stderr), and a line through `log` every
-`log_interval_s` seconds and at the end, so the run's logs (Prefect's, when the flow installs its logger) show it too.
+`log_interval_s` seconds and at the end, so the run's logs show it too (inside a Prefect flow run, flows/ installs a
+sink that writes the flow run's log and a progress artifact per stage)
 """
 from __future__ import annotations
 
@@ -18,27 +19,28 @@ from typing import Any
 
 log = logging.getLogger("winnow.progress")
 
-# Where periodic progress lines go: a factory called when a stage starts (in the flow's thread; flows/ returns the flow
-# run's Prefect logger). Records carry `winnow_progress` so a console handler can skip them while the terminal line
-# shows the same thing.
-_sink_factory: Callable[[], Callable[[str], None]] | None = None
+# Where periodic progress goes: a factory called with the stage's name when the stage starts (in the flow's thread),
+# returning a callable that takes the progress line and the fraction done. Records carry `winnow_progress` so a
+# console handler can skip them while the terminal line shows the same thing.
+Sink = Callable[[str, float], None]
+_sink_factory: Callable[[str], Sink] | None = None
 LOG_INTERVAL_S = 15.0
 _local = threading.local()
 
 
-def set_sink_factory(factory: Callable[[], Callable[[str], None]] | None) -> None:
+def set_sink_factory(factory: Callable[[str], Sink] | None) -> None:
     global _sink_factory
     _sink_factory = factory
 
 
-def _plain_log(text: str) -> None:
+def _plain_log(text: str, fraction: float) -> None:
     log.info(text, extra={"winnow_progress": True})
 
 
-def _sink() -> Callable[[str], None]:
+def _sink(stage_name: str) -> Sink:
     if _sink_factory is not None:
         try:
-            return _sink_factory()
+            return _sink_factory(stage_name)
         except Exception:  # noqa: BLE001 - no run context (a stage outside a flow): plain logging
             pass
     return _plain_log
@@ -67,7 +69,7 @@ class StageProgress:
         self._last_draw = 0.0
         self._log_interval = log_interval_s
         self._tty = terminal_display()
-        self._emit = _sink()
+        self._emit = _sink(name)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -79,6 +81,9 @@ class StageProgress:
         if self.done and rate > 0:
             text += f", ETA {_duration((self.total - self.done) / rate)}"
         return text
+
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
 
     def advance(self, n: int) -> None:
         now = time.monotonic()
@@ -95,14 +100,14 @@ class StageProgress:
             sys.stderr.write("\r\033[K" + text)
             sys.stderr.flush()
         if emit:
-            self._emit(text)
+            self._emit(text, self.fraction())
 
     def close(self) -> None:
         text = self.line()
         if self._tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-        self._emit(text)
+        self._emit(text, self.fraction())
 
 
 _current: list[StageProgress] = []

@@ -84,6 +84,16 @@ def test_every_bad_input_is_recorded_and_the_run_finishes(prefect_server, awkwar
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["winnow-awkward"])))
     assert artifacts and "report.html" in artifacts[0].data and "bad_input | 3" in artifacts[0].data
+    # one progress bar per stage in the flow run, each finished, its description the stage's last progress line
+    from prefect.client.schemas.filters import ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        bars = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[info["flow_run"]["id"]]), type=ArtifactFilterType(any_=["progress"])))
+    finished = {bar.description.split(":")[0]: bar.data for bar in bars}
+    assert {"embed", "index", "build manifest part"} <= set(finished), [(b.description, b.data) for b in bars]
+    assert all(data == 100.0 for data in finished.values()), finished
+    assert any("39/39 images (100%)" in bar.description for bar in bars), [b.description for b in bars]
 
 
 def test_duplicate_uids_stop_the_run_before_any_work(prefect_server, tmp_path):
