@@ -75,11 +75,17 @@ class PrefectExecutor:
         counts = info["counts"]
         rows = "\n".join(f"| {reason} | {n} |" for reason, n in counts["by_reason"].items())
         link = f"Report: [{report_path}](file://{Path(report_path).resolve()})  \n" if report_path else ""
+        evaluation = ""
+        if info.get("evaluation"):  # the selection against random (the `evaluate:` block)
+            from pipeline.evaluate import format_evaluation
+
+            evaluation = f"## Selection vs random\n\n```\n{format_evaluation(info['evaluation'])}\n```\n\n"
         create_markdown_artifact(
             key=f"winnow-{cfg.name}".lower().replace("_", "-").replace(".", "-"),
             markdown=(
                 f"# winnow run `{cfg.name}`\n\n{counts['kept']} of {counts['samples']} samples kept.\n\n"
                 f"| reason | rows |\n|---|---|\n{rows}\n\n"
+                f"{evaluation}"
                 f"{link}Manifest: `{cfg.run_dir.resolve() / 'manifest.parquet'}`\n"
             ),
             description=f"winnow curate summary for {cfg.name}",

@@ -135,3 +135,27 @@ def test_rule_auto_records_its_evidence_and_reuses_it(tmp_path: Path) -> None:
     cfg2 = CurateConfig.model_validate({**base, "name": "heuristic", "steps": [{**step, "rule": "heuristic"}]})
     note2 = stages.run_in_process(cfg2)["steps"][0]
     assert "auto_evidence" not in note2 and note2["rule"] == "ccs" and note2["why"].startswith("heuristic:")
+
+
+def test_a_flow_run_with_an_evaluate_block_shows_it_in_the_prefect_artifact(prefect_server, tmp_path: Path) -> None:
+    """A scheduled run evaluates through its `evaluate:` block: run.json and the run's Prefect summary artifact say it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.curate import run_curate
+
+    x, y = _blobs(800, seed=4)
+    flipped = np.random.default_rng(5).random(len(y)) < 0.25
+    y = np.where(flipped, (y + 1) % CLASSES, y)
+    info = run_curate({
+        "name": "evaluated", "source": _write_source(tmp_path / "pre", x, [f"c{v}" for v in y]),
+        "embed": {"kind": "precomputed"}, "index": {"k": 4},
+        "steps": [{"scorer": "aum", "keep_fraction": 0.7, "n_seeds": 2, "n_folds": 3, "epochs": 6}],
+        "evaluate": {"seeds": 2}, "output_root": str(tmp_path / "runs"),
+    })
+    assert info["evaluation"]["selection_vs_random"]["n_pool"] > 0
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["winnow-evaluated"])))
+    assert artifacts, "no summary artifact"
+    text = artifacts[0].data
+    assert "## Selection vs random" in text and "selection − random" in text, text
