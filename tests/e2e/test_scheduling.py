@@ -192,6 +192,20 @@ def test_deploy_to_a_process_work_pool(server, images, tmp_path):
     assert api(url, "/work_pools/winnow-pool")["type"] == "process"
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
+    # the README's next step: a worker of the pool runs a flow run of the deployment (here one made through the API)
+    run = api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"name": "pooled-now"}})
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "winnow-pool"], cwd=tmp_path,
+                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        state = wait_for(lambda: _final_state(url, run["id"]), 600, f"the pool's worker to finish the run ({tmp_path / 'worker.log'})")
+    finally:
+        stop_group(worker)
+        log.close()
+    assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+    assert read_run_info(tmp_path / "runs" / "pooled-now")["flow_run"]["id"] == run["id"]
+
 
 def test_deploy_without_a_server_is_one_line(tmp_path, images):
     cfg = write_config(tmp_path / "c.yaml", images, tmp_path / "runs", "nosrv")
