@@ -99,12 +99,15 @@ def run_steps(
     scores: dict[str, np.ndarray] = {}
     text: dict[str, np.ndarray] = {}
     notes: list[dict[str, Any]] = []
-    for name, knobs in steps:
+    for position, (name, knobs) in enumerate(steps):
         spec = specs[name]
         if "labels" in spec.needs and ctx.labels is None:
             raise ValueError(f"{name} needs labels; the source has none (image_folder class subfolders, or a label column)")
         failpoint("score_step")
-        out = stage(f"score_{name}", spec.fn, ctx, **knobs) if stage is not None else spec.fn(ctx, **knobs)
+        try:
+            out = stage(f"score_{name}", spec.fn, ctx, **knobs) if stage is not None else spec.fn(ctx, **knobs)
+        except ValueError as exc:  # what the data made impossible (a budget, a missing column): say which step and what came before
+            raise ValueError(f"step {position} ({name}): {exc}{_what_earlier_steps_left(notes, n)}") from exc
         declared = spec.score_columns(knobs)
         for col, values in out.scores.items():
             if col not in declared:
@@ -135,6 +138,13 @@ def run_steps(
             {"scorer": name, "knobs": knobs, "dropped": dropped, "alive_after": int(ctx.alive.sum()), "orientation": spec.orientation, **out.info}
         )
     return {"reason": reason, "dup_of": dup_of, "weight": mean_one_over(weights, ctx.alive), **scores, **text}, notes
+
+
+def _what_earlier_steps_left(notes: list[dict[str, Any]], n: int) -> str:
+    if not notes:
+        return ""
+    dropped = ", ".join(f"step {i} ({note['scorer']}) dropped {note['dropped']:,}" for i, note in enumerate(notes))
+    return f" (of {n:,} rows: {dropped}; {notes[-1]['alive_after']:,} left)"
 
 
 def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
