@@ -11,7 +11,12 @@ Scorers: quality (scorers.quality.image_stats + quality_issues, defaults), outli
 trained here on a disjoint reference split (no pretrained CLIP can be downloaded); label issues also on Fashion-MNIST
 pixels (unit-normalised), where the probe is better. Costs are wall times on this shared 2-core machine, scaled to 100k rows.
 
+Outlier: k-th NN distance and density ratio with neighbours among the pool's own rows, and against the test split as
+the step's in-domain `target` (reference mode), on the off-domain group alone and with isolated noise images added.
+
 Usage: nice -n 10 python benchmarks/basics_planted.py [--pool 5000] [--write-folder DIR] [--cleanvision-json F]
+       nice -n 10 python benchmarks/basics_planted.py --pool 4000 --per-plant 80 --only-outlier --epochs 15
+       (→ basics_outlier_planted.json)
 """
 from __future__ import annotations
 
@@ -136,8 +141,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-folder", type=Path)
     ap.add_argument("--cleanvision-json", type=Path, help="flags written by benchmarks/cleanvision_flags.py on --write-folder")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "basics_planted.json")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--only-outlier", action="store_true", help="build, train the feature CNN, measure outlier only")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of the feature CNN (better features separate domains better)")
+    ap.add_argument("--noise-rows", type=int, default=20, help="isolated noise images added for the outlier measurement")
     args = ap.parse_args()
+    results_dir = Path(__file__).resolve().parent / "results"
+    args.out = args.out or results_dir / ("basics_outlier_planted.json" if args.only_outlier else "basics_planted.json")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     planted = build(args.pool, args.per_plant, args.seed)
@@ -150,47 +160,14 @@ def main() -> None:
                                "machine": "shared 2-core VM, other jobs running: absolute times inflated"}
     cost: dict[str, float] = {}
 
-    # quality: the statistics the decode path computes, on the decoded JPEGs
     images = [decode(b) for b in planted["data"]]
-    t = time.perf_counter()
-    rows = [image_stats(im, n_bytes=len(b)) for im, b in zip(images, planted["data"])]
-    cost["quality_stats_per_100k_s"] = (time.perf_counter() - t) / n * 1e5
-    stats = {c: np.array([r[c] for r in rows]) for c in STAT_COLUMNS}
-    stats["width"] = np.array([im.size[0] for im in images])
-    stats["height"] = np.array([im.size[1] for im in images])
-    t = time.perf_counter()
-    q = quality_issues(stats)
-    cost["quality_checks_per_100k_s"] = (time.perf_counter() - t) / n * 1e5
-    results["quality"] = {
-        "thresholds": q.thresholds,
-        "blurred→blurry": pr(q.failed["blurry"], kind == "blurred"),
-        "darkened→dark": pr(q.failed["dark"], kind == "darkened"),
-        "tiny→tiny": pr(q.failed["tiny"], kind == "tiny"),
-        "any_check_on_clean_rows": round(float(np.mean([q.issue[i] is not None for i in np.flatnonzero(kind == "clean")])), 4),
-        "flags_by_check": {c: int(m.sum()) for c, m in q.failed.items()},
-    }
-    for c in ("blurry", "dark", "low_contrast", "low_information"):
-        results["quality"].setdefault("flags_by_planted_kind", {})[c] = {
-            k: int(q.failed[c][kind == k].sum()) for k in np.unique(kind)}
-    if args.cleanvision_json and args.cleanvision_json.exists():
-        cv = json.loads(args.cleanvision_json.read_text())
-        index = {Path(p).name.split("_")[0]: v for p, v in cv["flags"].items()}
-        order = [f"{i:06d}" for i in range(n)]
-        agree: dict[str, Any] = {"cleanvision": cv["version"], "seconds": cv.get("seconds")}
-        for ours, theirs, planted_kind in (("blurry", "is_blurry_issue", "blurred"), ("dark", "is_dark_issue", "darkened")):
-            cvf = np.array([bool(index[o][theirs]) for o in order])
-            w = q.failed[ours]
-            agree[ours] = {"both": int((w & cvf).sum()), "winnow_only": int((w & ~cvf).sum()),
-                           "cleanvision_only": int((~w & cvf).sum()), "neither": int((~w & ~cvf).sum()),
-                           "cleanvision_vs_planted": pr(cvf, kind == planted_kind)}
-        results["quality"]["cleanvision_agreement"] = agree
-
-    print(f"quality done: {results['quality']}", flush=True)
+    if not args.only_outlier:
+        quality_section(results, cost, planted, images, args)
     # features of a small CNN trained on a disjoint reference split
     t = time.perf_counter()
     x_ref = planted["x_ref"]
     mean, std = channel_stats(x_ref)
-    cnn = train_cnn(to_float(x_ref, mean, std), torch.from_numpy(planted["y_ref"]), in_ch=3, widths=(32, 64, 128), epochs=4,
+    cnn = train_cnn(to_float(x_ref, mean, std), torch.from_numpy(planted["y_ref"]), in_ch=3, widths=(32, 64, 128), epochs=args.epochs,
                     lr=0.1, wd=5e-4, batch_size=128, seed=0, flip=True)
     pool_u8 = np.stack([np.asarray(im.resize((32, 32), Image.Resampling.BILINEAR)) for im in images])
     test_u8 = np.stack([np.asarray(decode(b)) for b in planted["test_bytes"]])
@@ -200,22 +177,23 @@ def main() -> None:
     feat_test /= np.linalg.norm(feat_test, axis=1, keepdims=True)
     acc = float((cnn.head(torch.from_numpy(cnn_apply(cnn, test_u8, mean, std, what="features"))).argmax(1).numpy()
                  == planted["test_labels"]).mean())
-    results["features"] = {"model": f"SmallCNN (32-64-128) trained 4 epochs on {REF_SIZE} disjoint CIFAR-10 train images",
+    results["features"] = {"model": f"SmallCNN (32-64-128) trained {args.epochs} epochs on {REF_SIZE} disjoint CIFAR-10 train images",
                            "test_accuracy": round(acc, 3), "seconds": round(time.perf_counter() - t, 1), "dim": int(feat.shape[1])}
     print(f"features done ({acc:.3f} test acc)", flush=True)
 
-    # outlier: off-domain rows
+    # outlier: off-domain rows, neighbours among the pool's own rows, then among an in-domain target (the test split)
     t = time.perf_counter()
     out = outlier_scores(feat, k=10)
     cost["outlier_flat_per_100k_s_at_this_n"] = (time.perf_counter() - t) / n * 1e5
-    m = int((kind == "off_domain").sum())
-    for name, score in (("kth_distance", out.kth_distance), ("density_ratio", out.density_ratio)):
-        top = np.zeros(n, bool)
-        top[np.argsort(-score)[:m]] = True
-        results.setdefault("outlier", {})[f"off_domain@top{m} by {name}"] = pr(top, kind == "off_domain")
-        top2 = np.zeros(n, bool)
-        top2[np.argsort(-score)[:2 * m]] = True
-        results["outlier"][f"off_domain@top{2 * m} by {name}"] = pr(top2, kind == "off_domain")
+    t = time.perf_counter()
+    outlier_scores(feat, k=10, reference=feat_test)
+    cost["outlier_vs_1k_target_flat_per_100k_s"] = (time.perf_counter() - t) / n * 1e5
+    results["outlier"] = outlier_section(feat, feat_test, kind, noise_features(cnn, mean, std, args.noise_rows, args.seed))
+    if args.only_outlier:
+        results["cost"] = {k: round(v, 3) for k, v in cost.items()}
+        results["seconds_total"] = round(time.perf_counter() - t0, 1)
+        write(results, args.out)
+        return
 
     # leak: copies of test images
     leak_truth = planted["leak_of"] >= 0
@@ -271,9 +249,105 @@ def main() -> None:
     cost["head_laion_aesthetic_mlp_768d_per_100k_s"] = (time.perf_counter() - t) / 20_000 * 1e5
     results["cost"] = {k: round(v, 3) for k, v in cost.items()}
     results["seconds_total"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float))
+    write(results, args.out)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=float))
     print(json.dumps(results, indent=1, default=float))
+
+
+def noise_features(cnn: Any, mean: Any, std: Any, rows: int, seed: int) -> np.ndarray:
+    """CNN features of isolated junk: each a different coarse colour-noise image (4 × 4 blocks upscaled to 32 px, JPEG)."""
+    rng = np.random.default_rng(seed + 1)
+    imgs = [np.asarray(decode(jpeg(np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+                                              .resize((32, 32), Image.Resampling.NEAREST))))) for _ in range(rows)]
+    f = cnn_apply(cnn, np.stack(imgs), mean, std, what="features")
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def outlier_section(feat: np.ndarray, feat_test: np.ndarray, kind: np.ndarray, noise: np.ndarray) -> dict[str, Any]:
+    """Precision/recall of the top-m rows by each outlier score: the planted off-domain group alone, then with isolated
+    noise rows added to the pool (the case pool-only kNN scores were made for), neighbours in the pool or in the test
+    split (1000 in-domain rows, the `target` of the step)."""
+    res: dict[str, Any] = {}
+    group = kind == "off_domain"
+    m = int(group.sum())
+
+    def top(score: np.ndarray, count: int) -> np.ndarray:
+        mask = np.zeros(len(score), bool)
+        mask[np.argsort(-score, kind="stable")[:count]] = True
+        return mask
+
+    # "after quality": the planted blurred / darkened / tiny rows removed, as when `quality` runs first (the darkened
+    # rows are an off-domain group of their own against the test split and would otherwise fill the top)
+    after_quality = ~np.isin(kind, ["blurred", "darkened", "tiny"])
+    for rows_name, rows in (("all rows", np.ones(len(kind), bool)), ("after quality", after_quality)):
+        for k in (10, 50):
+            for where, ref in (("pool", None), ("target=test split", feat_test)):
+                out = outlier_scores(feat[rows], k=k, reference=ref)
+                for name in ("kth_distance", "density_ratio"):
+                    score = getattr(out, name)
+                    for count in (m, 2 * m):
+                        key = f"{rows_name}: off_domain group ({m})@top{count} by {name}, k={k}, neighbours in {where}"
+                        res[key] = pr(top(score, count), group[rows])
+                        if count == 2 * m:
+                            flagged = kind[rows][top(score, count)]
+                            res[key]["top_by_kind"] = {str(c): int((flagged == c).sum()) for c in np.unique(flagged)}
+    # isolated rows added: both kinds planted
+    both = np.concatenate([feat[after_quality], noise])
+    is_noise = np.concatenate([np.zeros(int(after_quality.sum()), bool), np.ones(len(noise), bool)])
+    truth = np.concatenate([group[after_quality], np.zeros(len(noise), bool)]) | is_noise
+    for where, ref in (("pool", None), ("target=test split", feat_test)):
+        out = outlier_scores(both, k=10, reference=ref)
+        for name in ("kth_distance", "density_ratio"):
+            score = getattr(out, name)
+            found = top(score, int(truth.sum()))
+            key = f"after quality: group ({m}) + isolated noise ({len(noise)})@top{int(truth.sum())} by {name}, k=10, neighbours in {where}"
+            res[key] = pr(found, truth) | {"isolated_recall": pr(found, is_noise)["recall"],
+                                           "isolated_recall@top" + str(len(noise)): pr(top(score, len(noise)), is_noise)["recall"]}
+    return res
+
+
+def quality_section(results: dict[str, Any], cost: dict[str, float], planted: dict[str, Any], images: list[Image.Image],
+                    args: argparse.Namespace) -> None:
+    """quality: the statistics the decode path computes, on the decoded JPEGs."""
+    n, kind = len(images), planted["kind"]
+    t = time.perf_counter()
+    rows = [image_stats(im, n_bytes=len(b)) for im, b in zip(images, planted["data"])]
+    cost["quality_stats_per_100k_s"] = (time.perf_counter() - t) / n * 1e5
+    stats = {c: np.array([r[c] for r in rows]) for c in STAT_COLUMNS}
+    stats["width"] = np.array([im.size[0] for im in images])
+    stats["height"] = np.array([im.size[1] for im in images])
+    t = time.perf_counter()
+    q = quality_issues(stats)
+    cost["quality_checks_per_100k_s"] = (time.perf_counter() - t) / n * 1e5
+    results["quality"] = {
+        "thresholds": q.thresholds,
+        "blurred→blurry": pr(q.failed["blurry"], kind == "blurred"),
+        "darkened→dark": pr(q.failed["dark"], kind == "darkened"),
+        "tiny→tiny": pr(q.failed["tiny"], kind == "tiny"),
+        "any_check_on_clean_rows": round(float(np.mean([q.issue[i] is not None for i in np.flatnonzero(kind == "clean")])), 4),
+        "flags_by_check": {c: int(m.sum()) for c, m in q.failed.items()},
+    }
+    for c in ("blurry", "dark", "low_contrast", "low_information"):
+        results["quality"].setdefault("flags_by_planted_kind", {})[c] = {
+            k: int(q.failed[c][kind == k].sum()) for k in np.unique(kind)}
+    if args.cleanvision_json and args.cleanvision_json.exists():
+        cv = json.loads(args.cleanvision_json.read_text())
+        index = {Path(p).name.split("_")[0]: v for p, v in cv["flags"].items()}
+        order = [f"{i:06d}" for i in range(n)]
+        agree: dict[str, Any] = {"cleanvision": cv["version"], "seconds": cv.get("seconds")}
+        for ours, theirs, planted_kind in (("blurry", "is_blurry_issue", "blurred"), ("dark", "is_dark_issue", "darkened")):
+            cvf = np.array([bool(index[o][theirs]) for o in order])
+            w = q.failed[ours]
+            agree[ours] = {"both": int((w & cvf).sum()), "winnow_only": int((w & ~cvf).sum()),
+                           "cleanvision_only": int((~w & cvf).sum()), "neither": int((~w & ~cvf).sum()),
+                           "cleanvision_vs_planted": pr(cvf, kind == planted_kind)}
+        results["quality"]["cleanvision_agreement"] = agree
+
+    print(f"quality done: {results['quality']}", flush=True)
 
 
 def label_table(li: Any, aum: np.ndarray, flipped: np.ndarray, true_labels: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:

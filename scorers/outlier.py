@@ -10,7 +10,16 @@ Method: for each row, the cosine distances (1 − x·y on unit rows) to its k ne
   row sitting in a sparser spot than its neighbours, so a point near a tight cluster but outside it stands out even when
   the dataset's density varies from region to region.
 
-Orientation: **higher = more outlying** (less worth keeping) for both scores; a step keeps the lowest.
+With a ``reference`` set (rows the user names as in-domain: the step's `target`, e.g. a test split), the neighbours
+are searched among the reference rows instead of the scored rows themselves: ``kth_distance`` is then the distance to
+the k-th nearest *reference* row, the deep-nearest-neighbour out-of-distribution score of Sun, Ming, Zhu & Li (ICML
+2022, "Out-of-distribution detection with deep nearest neighbors"), and ``density_ratio`` divides a row's mean
+distance to its k reference neighbours by their own mean kNN distance inside the reference (LOF's novelty mode).
+Without a reference, a group of more than k similar off-domain rows (e.g. 80 Fashion-MNIST images among CIFAR-10) is
+each other's neighbourhood and scores as dense as the rest; against an in-domain reference it is far from everything.
+
+Orientation: **higher = more outlying** (less worth keeping) for both scores, with or without a reference; a step keeps
+the lowest.
 """
 from __future__ import annotations
 
@@ -19,7 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from scorers.step import Between, Count, Fraction, Score, ScoringContext, StepOutput, alive_rows, drop_by_score, scatter, step
+from scorers.step import (Between, Count, Fraction, Score, ScoringContext, SourceMapping, StepOutput, alive_rows, drop_by_score,
+                          scatter, step, target_key)
 
 __all__ = ["OutlierResult", "knn_search", "outlier_scores"]
 
@@ -74,45 +84,83 @@ def knn_search(emb: Any, *, k: int, index: Any = None) -> tuple[np.ndarray, np.n
     return np.clip(dist, 0.0, 2.0), ids
 
 
-def outlier_scores(emb: Any, *, k: int = 10, index: Any = None) -> OutlierResult:
+def outlier_scores(emb: Any, *, k: int = 10, index: Any = None, reference: Any = None,
+                   reference_index: Any = None) -> OutlierResult:
     """kNN-distance and local-density-ratio outlier scores of every row (see the module docstring).
 
     Args:
         emb: n × d unit rows (float16/32 or a memory-mapped store view).
-        k: neighbours (default 10, as in fastdup/cleanvision-style kNN outlier scores). Needs n > k.
-        index: optional FAISS inner-product index over the same rows (reuses the run's index).
+        k: neighbours (default 10, as in fastdup/cleanvision-style kNN outlier scores). Needs n > k (m > k with a
+            reference).
+        index: optional FAISS inner-product index over the same rows (reuses the run's index); not used with a reference.
+        reference: optional m × d unit rows of an in-domain set: neighbours are then searched among them (the module
+            docstring), and ``neighbors`` index the reference rows.
+        reference_index: optional FAISS inner-product index over exactly the reference rows.
 
     Returns:
         :class:`OutlierResult`. Orientation: higher = more outlying.
     """
-    n = emb.shape[0]
-    if n <= k:
-        raise ValueError(f"outlier needs more than k={k} rows, got {n}")
-    dist, ids = knn_search(emb, k=k, index=index)
-    if (ids < 0).any():  # an approximate index can return fewer than k hits; score with what it found
-        dist = np.where(ids < 0, np.nan, dist)
+    if reference is None:
+        if emb.shape[0] <= k:
+            raise ValueError(f"outlier needs more than k={k} rows, got {emb.shape[0]}")
+        dist, ids = knn_search(emb, k=k, index=index)
+        own_dist, own_ids = dist, ids
+    else:
+        if reference.shape[1] != emb.shape[1]:
+            raise ValueError(f"reference rows have dim {reference.shape[1]}, scored rows {emb.shape[1]}")
+        if reference.shape[0] <= k:
+            raise ValueError(f"outlier against a reference needs more than k={k} reference rows, got {reference.shape[0]}")
+        own_dist, own_ids = knn_search(reference, k=k, index=reference_index)
+        dist, ids = _search_in(reference, emb, k=k, index=reference_index)
+    dist = np.where(ids < 0, np.nan, dist)  # an approximate index can return fewer than k hits; score with what it found
     kth = dist[:, -1].copy()
     missing = ~np.isfinite(kth)
     if missing.any():
         kth[missing] = np.nanmax(dist[missing], axis=1)
     mean_d = np.nanmean(dist, axis=1)
-    neighbour_mean = np.where(ids >= 0, mean_d[np.maximum(ids, 0)], np.nan)
+    # the neighbours' own mean kNN distance, inside the set they belong to (the scored rows, or the reference)
+    own_mean = np.nanmean(np.where(own_ids < 0, np.nan, own_dist), axis=1)
+    neighbour_mean = np.where(ids >= 0, own_mean[np.maximum(ids, 0)], np.nan)
     denom = np.nanmean(neighbour_mean, axis=1)
     # An exact-duplicate cluster has zero distances: a ratio of 0/0 means "as dense as its neighbours".
     ratio = np.where(denom > 1e-12, mean_d / np.maximum(denom, 1e-12), np.where(mean_d > 1e-12, np.inf, 1.0))
     return OutlierResult(kth_distance=kth.astype(np.float32), density_ratio=ratio.astype(np.float32), neighbors=ids,
                          distances=dist)
 
+
+def _search_in(reference: Any, queries: Any, *, k: int, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest reference rows of every query row: (cosine distances ascending, reference row ids; -1 where missing)."""
+    import faiss
+
+    if index is None:
+        index = faiss.IndexFlatIP(reference.shape[1])
+        for start in range(0, reference.shape[0], _QUERY_ROWS):
+            index.add(np.ascontiguousarray(reference[start:start + _QUERY_ROWS], dtype=np.float32))
+    elif index.ntotal != reference.shape[0]:
+        raise ValueError(f"reference_index holds {index.ntotal} rows, reference has {reference.shape[0]}")
+    n = queries.shape[0]
+    dist = np.full((n, k), np.nan, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for start in range(0, n, _QUERY_ROWS):
+        q = np.ascontiguousarray(queries[start:start + _QUERY_ROWS], dtype=np.float32)
+        sim, hit = index.search(q, k)
+        dist[start:start + len(q)] = 1.0 - sim
+        ids[start:start + len(q)] = hit
+    ids[ids < 0] = -1
+    return np.clip(dist, 0.0, 2.0), ids
+
 # ---- the curate step --------------------------------------------------------------------------------------------------
 
-@step("outlier", reason="outlier", exactly_one=(("keep_fraction", "quantile", "max_score"),),
+@step("outlier", reason="outlier", needs=("targets",), exactly_one=(("keep_fraction", "quantile", "max_score"),),
       scores=(Score("score_outlier", higher="more outlying"), Score("score_outlier_density", higher="more outlying")),
-      orientation="score_outlier: k-th NN cosine distance, score_outlier_density: local density ratio; higher = more outlying")
+      orientation="score_outlier: k-th NN cosine distance (to the target's rows when a target is given), "
+                  "score_outlier_density: local density ratio; higher = more outlying")
 def step_outlier(
     ctx: ScoringContext,
     *,
     k: Count = 10,
     score: Literal["kth_distance", "density_ratio"] = "kth_distance",
+    target: SourceMapping | None = None,
     keep_fraction: Fraction | None = None,
     quantile: Between(0, 1) | None = None,
     max_score: float | None = None,
@@ -121,13 +169,26 @@ def step_outlier(
     rows still alive. `score` (kth_distance or density_ratio) decides; exactly one of keep_fraction (of all rows),
     quantile (drop the top q) or max_score. score_outlier = k-th NN cosine distance, score_outlier_density = the ratio;
     higher = more outlying. The kNN index is the run's (ctx.knn_index: exact below 200k rows, IVF above).
+    `target`: a source of in-domain rows (e.g. the test split, embedded with the run's embedder): neighbours are then
+    searched among its rows, so a group of similar off-domain rows, each other's neighbours in the pool, is far from
+    everything in the target and is found too (Sun et al. 2022, deep nearest neighbours).
     """
     rows, emb = alive_rows(ctx)
-    index, index_info = ctx.knn_index(emb, ctx.seed) if ctx.knn_index is not None else (None, {"kind": "exact (scorer)"})
-    result = outlier_scores(emb, k=k, index=index)
+    reference = None
+    if target is not None:
+        reference = ctx.targets.get(target_key(target))
+        if reference is None:
+            raise ValueError(f"target {target} was not embedded before scoring")
+    search_in = emb if reference is None else reference
+    index, index_info = ctx.knn_index(search_in, ctx.seed) if ctx.knn_index is not None else (None, {"kind": "exact (scorer)"})
+    if reference is None:
+        result = outlier_scores(emb, k=k, index=index)
+    else:
+        result = outlier_scores(emb, k=k, reference=reference, reference_index=index)
     n = len(ctx.alive)
     kth, ratio = scatter(n, rows, result.kth_distance), scatter(n, rows, result.density_ratio)
     chosen = kth if score == "kth_distance" else ratio
     drop, note = drop_by_score(ctx, chosen, keep="low", keep_fraction=keep_fraction, threshold=max_score, quantile=quantile)
+    neighbours = {"neighbours_in": "target", "target_rows": int(len(reference))} if reference is not None else {"neighbours_in": "pool"}
     return StepOutput(scores={"score_outlier": kth, "score_outlier_density": ratio}, drop=drop,
-                      info={"k": k, "score": score, "index": index_info, **note})
+                      info={"k": k, "score": score, "index": index_info, **neighbours, **note})

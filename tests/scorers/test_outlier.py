@@ -89,3 +89,74 @@ def test_float16_memmap_rows_work(tmp_path):
     mm = np.load(path, mmap_mode="r")
     result = outlier_scores(mm, k=3)
     assert result.kth_distance.dtype == np.float32 and np.isfinite(result.kth_distance).all()
+
+
+def _brute(emb: np.ndarray, k: int, reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k-th NN distance and density ratio by dense numpy: neighbours among the other rows, or among the reference rows."""
+    ref = emb if reference is None else reference
+    d_ref = 1 - ref @ ref.T
+    np.fill_diagonal(d_ref, np.inf)
+    ref_mean = np.sort(d_ref, axis=1)[:, :k].mean(axis=1)
+    d = 1 - emb @ ref.T
+    if reference is None:
+        np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1)[:, :k]
+    near = np.take_along_axis(d, order, 1)
+    return near[:, -1], near.mean(axis=1) / ref_mean[order].mean(axis=1)
+
+
+def _with_group(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inliers from 5 blobs, a held-out reference from the same blobs, a tight off-domain group of 40 (more than k) and
+    5 isolated random rows."""
+    d = 32
+    centres = 3 * rng.standard_normal((5, d))
+    inliers = _blobs(rng, 200, centres, 0.5)
+    reference = _blobs(rng, 60, centres, 0.5)
+    group = _blobs(rng, 40, 3 * rng.standard_normal((1, d)), 0.5)  # another domain: its rows are each other's neighbours
+    isolated = _unit(rng.standard_normal((5, d)))
+    return inliers, reference, group, isolated
+
+
+def test_scores_match_a_dense_computation_with_and_without_a_reference():
+    rng = np.random.default_rng(6)
+    inliers, reference, group, isolated = _with_group(rng)
+    emb = np.concatenate([inliers, group, isolated])
+    for ref in (None, reference):
+        result = outlier_scores(emb, k=7, reference=ref)
+        kth, ratio = _brute(emb, 7, ref)
+        np.testing.assert_allclose(result.kth_distance, kth, atol=1e-5)
+        np.testing.assert_allclose(result.density_ratio, ratio, rtol=1e-4)
+
+
+def test_a_planted_off_domain_group_is_found_only_against_a_reference():
+    rng = np.random.default_rng(7)
+    inliers, reference, group, isolated = _with_group(rng)
+    emb = np.concatenate([inliers, group, isolated])
+    planted = set(range(len(inliers), len(emb)))  # the group and the isolated rows: 45
+    pool_only = outlier_scores(emb, k=10)
+    top_pool = set(np.argsort(-pool_only.kth_distance)[:45])
+    # without a reference the group is as dense as the inliers: only the isolated rows stand out
+    assert set(range(len(inliers) + len(group), len(emb))) <= top_pool
+    assert len(top_pool & set(range(len(inliers), len(inliers) + len(group)))) < 10
+    for score in ("kth_distance", "density_ratio"):
+        against = getattr(outlier_scores(emb, k=10, reference=reference), score)
+        assert set(np.argsort(-against)[:45]) == planted, score
+
+
+def test_reference_mode_checks_its_inputs_and_reuses_a_reference_index():
+    import faiss
+
+    rng = np.random.default_rng(8)
+    emb = _unit(rng.standard_normal((50, 8)))
+    ref = _unit(rng.standard_normal((30, 8)))
+    index = faiss.IndexFlatIP(8)
+    index.add(ref)
+    np.testing.assert_allclose(outlier_scores(emb, k=4, reference=ref, reference_index=index).kth_distance,
+                               outlier_scores(emb, k=4, reference=ref).kth_distance)
+    assert outlier_scores(emb, k=4, reference=ref).neighbors.max() < 30  # reference row ids
+    with pytest.raises(ValueError, match="index holds 30 rows"):
+        outlier_scores(emb, k=4, reference=ref[:20], reference_index=index)
+    with pytest.raises(ValueError, match="more than k=4 reference rows"):
+        outlier_scores(emb, k=4, reference=ref[:4])
+    with pytest.raises(ValueError, match="dim"):
+        outlier_scores(emb, k=4, reference=_unit(rng.standard_normal((30, 6))))
