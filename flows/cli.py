@@ -106,10 +106,12 @@ def preflight(cfg: Any) -> None:
     """Checks what can be checked before any heavy import or server start: the sources open, the step budgets fit
     together, labels that look like split names (a warning), and the embedder's weights are at hand."""
     from pipeline.config import check_step_fractions, split_like_labels
-    from pipeline.sources import source_from_config
+    from pipeline.sources import PrecomputedSource, source_from_config
 
     check_step_fractions(cfg)
-    source_from_config(cfg.source.arguments())  # a missing root, table or shard pattern fails here, in one line
+    source = source_from_config(cfg.source.arguments())  # a missing root, table or shard pattern fails here, in one line
+    if isinstance(source, PrecomputedSource) and source.text_emb_paths:
+        source.text_embeddings(0)  # caption embeddings of another CLIP width: refused before any server starts
     for position, step in enumerate(cfg.steps):
         target = step.knobs().get("target")
         if isinstance(target, dict):

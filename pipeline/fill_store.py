@@ -154,6 +154,15 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) ->
         good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
         ok[s:s + len(x)] = good
         unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
+    text = source.text_embeddings(shard)
+    if text is not None:  # caption embeddings: unit rows; a zero or non-finite row means "no caption" (stored as 0)
+        text_unit = np.zeros(emb.shape, dtype=store.info().dtype)
+        for s in range(0, n, 65_536):
+            t = np.asarray(text[s:s + 65_536], dtype=np.float32)
+            norms = np.linalg.norm(t, axis=1, keepdims=True)
+            good = np.isfinite(t).all(axis=1) & np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
+            text_unit[s:s + len(t)] = np.where(good[:, None], t / np.where(good[:, None], norms, 1.0), 0.0)
+        text = text_unit[ok]
     if not ok.all():
         unit = unit[ok]
     meta = samples.with_columns(
@@ -162,7 +171,7 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) ->
         pl.lit(0, dtype=pl.Int32).alias("height"),
         pl.Series("status", np.where(ok, "ok", "bad_embedding"), dtype=pl.String),
     )
-    store.write_shard(shard, unit, meta)
+    store.write_shard(shard, unit, meta, text_embeddings=text)
     return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
 
@@ -178,14 +187,19 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, Any]:
     specs: list[tuple[str, dict[str, Any], bool]] = []
     for step in cfg.steps:
         knobs = step.knobs()
-        if "target" in knobs:
+        if knobs.get("target") is not None:  # optional for some steps (outlier)
             specs.append((step.scorer, knobs["target"], False))
         specs += [(step.scorer, spec, True) for spec in knobs.get("eval_sources") or []]
     targets: dict[str, Any] = {}
+    loaded: dict[str, tuple[Any, Any]] = {}  # one embedding per distinct source (an outlier target may be leak's eval source)
     for number, (scorer, spec, is_eval) in enumerate(specs):
         what = "eval source" if is_eval else "target"
         if not isinstance(spec, dict):
             raise ValueError(f"step {scorer}: {what} must be a source mapping such as {{kind: image_folder, root: ...}}")
+        if target_key(spec) in loaded:
+            emb, meta = loaded[target_key(spec)]
+            _add_target(targets, spec, emb, meta, is_eval)
+            continue
         sub = cfg.model_copy(update={"source": SourceConfig.model_validate(spec), "store_dir": cfg.run_dir / "targets" / str(number) / "store"})
         plan = plan_ingest(sub)
         if sub.source.kind == "precomputed":
@@ -199,16 +213,21 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, Any]:
         emb, meta = store.load()
         if len(emb) == 0:
             raise ValueError(f"{what} {spec} has no usable samples")
-        if is_eval:
-            ok = meta.filter(pl.col("status") == "ok")
-            name = str(spec.get("root") or spec.get("urls") or spec.get("path") or spec.get("kind"))
-            targets["eval:" + target_key(spec)] = EvalSet(name=name, emb=emb, uids=ok["uid"].to_numpy().astype(object),
-                                                          sha1=ok["sha1"].to_numpy().astype(object))
-        else:
-            targets[target_key(spec)] = emb
+        loaded[target_key(spec)] = (emb, meta)
+        _add_target(targets, spec, emb, meta, is_eval)
     return targets
+
+
+def _add_target(targets: dict[str, Any], spec: dict[str, Any], emb: Any, meta: pl.DataFrame, is_eval: bool) -> None:
+    if is_eval:
+        ok = meta.filter(pl.col("status") == "ok")
+        name = str(spec.get("root") or spec.get("urls") or spec.get("path") or spec.get("kind"))
+        targets["eval:" + target_key(spec)] = EvalSet(name=name, emb=emb, uids=ok["uid"].to_numpy().astype(object),
+                                                      sha1=ok["sha1"].to_numpy().astype(object))
+    else:
+        targets[target_key(spec)] = emb
 
 
 def needs_targets(cfg: CurateConfig) -> bool:
     """Whether a step names a `target` or `eval_sources` to embed before scoring."""
-    return any("target" in s.knobs() or s.knobs().get("eval_sources") for s in cfg.steps)
+    return any(s.knobs().get("target") is not None or s.knobs().get("eval_sources") for s in cfg.steps)

@@ -64,7 +64,8 @@ def score(
         targets={k: v for k, v in targets.items() if not isinstance(v, EvalSet)},
         eval_sets={k.removeprefix("eval:"): v for k, v in targets.items() if isinstance(v, EvalSet)},
         meta=meta,
-        text_encoder=text_encoder,
+        text_encoder=text_encoder if store.info().embedder.get("kind") == "clip" else None,  # pixels/precomputed: no text tower
+        source_text=store.load_text,
         embedder=store.info().embedder,
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,

@@ -738,7 +738,8 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
 
 class PrecomputedSource(Source):
     """Precomputed embeddings in the LAION/DataComp layout: ``img_emb/img_emb_0000.npy`` + row-aligned
-    ``metadata/metadata_0000.parquet``. Files pair up by sorted order.
+    ``metadata/metadata_0000.parquet``, optionally + row-aligned caption embeddings ``text_emb/text_emb_0000.npy``
+    (``text_emb_paths``; same dimension as the image embeddings: clip_score compares them). Files pair up by sorted order.
 
     uid = the ``uid_column`` of the metadata (DataComp ``uid``, LAION ``key``); location = the
     ``location_column`` value when given (e.g. ``url``), else ``"<npy path>#<row>"``.
@@ -757,6 +758,7 @@ class PrecomputedSource(Source):
         label_column: str | None = None,
         caption_column: str | None = None,
         location_column: str | None = None,
+        text_emb_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         super().__init__()
         self.emb_paths = _expand_paths(emb_paths, "embedding")
@@ -765,6 +767,12 @@ class PrecomputedSource(Source):
             raise SourceError(
                 f"{len(self.emb_paths)} embedding file(s) but {len(self.meta_paths)} metadata file(s); "
                 f"they pair by sorted order (first: {self.emb_paths[:1]} / {self.meta_paths[:1]})"
+            )
+        self.text_emb_paths = _expand_paths(text_emb_paths, "text embedding") if text_emb_paths is not None else None
+        if self.text_emb_paths is not None and len(self.text_emb_paths) != len(self.emb_paths):
+            raise SourceError(
+                f"{len(self.emb_paths)} embedding file(s) but {len(self.text_emb_paths)} text embedding file(s); "
+                f"they pair by sorted order (first: {self.emb_paths[:1]} / {self.text_emb_paths[:1]})"
             )
         self.uid_column = uid_column
         self.label_column = label_column
@@ -791,6 +799,8 @@ class PrecomputedSource(Source):
             raise SourceError(
                 f"row count mismatch: {emb_path!r} has {emb.shape[0]} embeddings, {meta_path!r} has {meta_rows} rows"
             )
+        if self.text_emb_paths is not None:
+            self.text_embeddings(shard, image_shape=emb.shape)
         cols = [c for c in (self.uid_column, self.label_column, self.caption_column, self.location_column) if c]
         table = _read_table(meta_path, list(dict.fromkeys(cols)))
 
@@ -808,6 +818,23 @@ class PrecomputedSource(Source):
         )
         default_location = pl.format("{}#{}", pl.lit(emb_path), pl.int_range(pl.len()))
         return frame.with_columns(pl.col("location").fill_null(default_location))
+
+    def text_embeddings(self, shard: int, *, image_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """One shard's caption embeddings, memory-mapped (None without ``text_emb_paths``): a 2-d array with the image
+        file's rows and dimension, else a SourceError in one line."""
+        if self.text_emb_paths is None:
+            return None
+        path = self.text_emb_paths[shard]
+        shape = image_shape or np.load(self.emb_paths[shard], mmap_mode="r").shape
+        text = np.load(path, mmap_mode="r")
+        if text.ndim != 2:
+            raise SourceError(f"{path!r}: expected a 2-d text embedding array, got shape {text.shape}")
+        if text.shape[0] != shape[0]:
+            raise SourceError(f"row count mismatch: {self.emb_paths[shard]!r} has {shape[0]} embeddings, {path!r} has {text.shape[0]}")
+        if text.shape[1] != shape[1]:
+            raise SourceError(f"text embeddings {path!r} have dim {text.shape[1]}, the image embeddings {shape[1]}: "
+                              "clip_score needs both from one CLIP model")
+        return text
 
     def scan_shards(self) -> list[int]:
         """Validates every file pair and that uids are unique across all of them; returns the rows per pair.
@@ -881,6 +908,8 @@ class PrecomputedSource(Source):
             "label_column": self.label_column,
             "caption_column": self.caption_column,
             "location_column": self.location_column,
+            # only when given: stores made before text embeddings existed keep their description (store.json)
+            **({"text_emb_paths": list(self.text_emb_paths)} if self.text_emb_paths is not None else {}),
         }
 
     def _name(self) -> str:

@@ -4,6 +4,7 @@ Layout (DESIGN.md, "Data model"):
     store.json              model, pretrained tag, dim, dtype, preprocessing, versions
     emb/{shard:05d}.npy     L2-normalised embeddings of the shard's decodable rows (float16 or float32)
     meta/{shard:05d}.parquet one row per sample of the shard (uid, location, label, caption, sha1, width, height, status)
+    text_emb/{shard:05d}.npy caption embeddings of the same rows, when a precomputed source ships them (optional)
     _done/{shard:05d}       completion marker, written last
 
 The embedding rows of a shard are the meta rows whose status is "ok", in meta order.
@@ -74,6 +75,9 @@ class EmbeddingStore:
     def meta_path(self, shard: int) -> Path:
         return self.root / "meta" / f"{shard:05d}.parquet"
 
+    def text_path(self, shard: int) -> Path:
+        return self.root / "text_emb" / f"{shard:05d}.npy"
+
     def done_path(self, shard: int) -> Path:
         return self.root / "_done" / f"{shard:05d}"
 
@@ -139,8 +143,10 @@ class EmbeddingStore:
             return []
         return sorted(int(p.name) for p in done_dir.iterdir() if p.name.isdigit())
 
-    def write_shard(self, shard: int, embeddings: np.ndarray, meta: Sequence[dict[str, Any]] | pl.DataFrame) -> None:
-        """Writes one shard atomically: data files first (temp name + rename), the marker last."""
+    def write_shard(self, shard: int, embeddings: np.ndarray, meta: Sequence[dict[str, Any]] | pl.DataFrame, *,
+                    text_embeddings: np.ndarray | None = None) -> None:
+        """Writes one shard atomically: data files first (temp name + rename), the marker last. `text_embeddings`: the
+        ok rows' caption embeddings (same shape as `embeddings`; all-zero rows = no caption), kept in text_emb/."""
         frame = meta if isinstance(meta, pl.DataFrame) else pl.DataFrame(list(meta), schema=META_SCHEMA, orient="row")
         frame = frame.select([(pl.col(c) if c in frame.columns else pl.lit(None)).cast(t).alias(c) for c, t in META_SCHEMA.items()])
         info = self.info()
@@ -149,12 +155,20 @@ class EmbeddingStore:
             raise StoreError(f"shard {shard}: {embeddings.shape} embeddings for {n_ok} ok rows of dim {info.dim}")
         if not np.isfinite(embeddings).all():
             raise StoreError(f"shard {shard}: embeddings contain NaN or Inf")
-        # Both data files are written in full before either replaces anything, and a marker of an earlier write of
+        finals = [self.emb_path(shard), self.meta_path(shard)]
+        if text_embeddings is not None:
+            if text_embeddings.shape != embeddings.shape or not np.isfinite(text_embeddings).all():
+                raise StoreError(f"shard {shard}: text embeddings {text_embeddings.shape} must be finite, shaped like {embeddings.shape}")
+            finals.append(self.text_path(shard))
+        # The data files are written in full before any replaces anything, and a marker of an earlier write of
         # this shard goes first: a full disk leaves the previous shard as it was, never new data under an old marker.
-        with atomic_group(self.emb_path(shard), self.meta_path(shard), remove_first=[self.done_path(shard)]) as (t_emb, t_meta):
-            with open(t_emb, "wb") as fh:
+        with atomic_group(*finals, remove_first=[self.done_path(shard)]) as tmps:
+            with open(tmps[0], "wb") as fh:
                 np.save(fh, np.ascontiguousarray(embeddings, dtype=info.dtype))
-            write_checked(frame.to_arrow(), t_meta)
+            write_checked(frame.to_arrow(), tmps[1])
+            if text_embeddings is not None:
+                with open(tmps[2], "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(text_embeddings, dtype=info.dtype))
         atomic_write_text(self.done_path(shard), json.dumps({"rows": frame.height, "ok": n_ok}))
 
     def read_meta(self, shard: int) -> pl.DataFrame:
@@ -276,6 +290,30 @@ class EmbeddingStore:
             del part, block  # unmaps the shard: its pages stop counting towards this process's memory
         meta_all = pl.concat(metas) if metas else pl.DataFrame(schema=META_SCHEMA)
         return emb_all, meta_all
+
+    def load_text(self) -> np.ndarray | None:
+        """The caption embeddings of all ok rows (float32, load()'s row order), or None when the store holds none.
+        A store with them for some shards only is a StoreError."""
+        shards = self.done_shards()
+        have = [self.text_path(shard).exists() for shard in shards]
+        if not any(have):
+            return None
+        if not all(have):
+            missing = [shard for shard, h in zip(shards, have) if not h]
+            raise StoreError(f"store {self.root} has text embeddings for some shards only (none for {missing[:10]})")
+        info = self.info()
+        parts = []
+        for shard in shards:
+            path = self.text_path(shard)
+            try:
+                text = np.load(path, allow_pickle=False)
+            except Exception as exc:  # a damaged file: name it
+                raise StoreError(f"cannot read {path} (damaged or truncated?): {type(exc).__name__}: {exc}") from exc
+            n_ok = int(self.read_marker(shard).get("ok", len(text)))
+            if not isinstance(text, np.ndarray) or text.shape != (n_ok, info.dim):
+                raise StoreError(f"{path} does not match the shard's {n_ok} ok rows of dim {info.dim}")
+            parts.append(text.astype(np.float32))
+        return np.concatenate(parts)
 
     def all_meta(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
         """Meta rows of every finished shard, bad rows included (status != 'ok').

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,23 +80,37 @@ def step_clip_score(
     threshold: float | None = None,
     quantile: Between(0, 1) | None = None,
     batch_size: Count = 256,
+    text_embeddings: Literal["auto", "source", "compute"] = "auto",
 ) -> StepOutput:
     """CLIP score: cosine of each row's image embedding and its caption's text embedding from the same open_clip model
     (clip_scores above). Keeps the top keep_fraction (DataComp's CLIP-score filter keeps 30%) or the rows at or
     above threshold (LAION-400M used 0.28 with ViT-B/32) or above the quantile. Rows without a caption: NaN, kept.
+    `text_embeddings`: "source" = the caption embeddings a precomputed source ships (LAION text_emb/, source knob
+    text_emb_paths), "compute" = the captions embedded with the run's text tower, "auto" = the source's when it has them.
     """
-    captions = np.asarray(ctx.captions if ctx.captions is not None else [None] * len(ctx.alive), dtype=object)
-    has = np.array([c is not None and c != "" for c in captions], dtype=bool)
-    if not has.any():
-        raise ValueError("clip_score needs captions (webdataset .txt/.json, a table's caption_column); this source has none")
-    distinct, inverse = np.unique(captions[has].astype(str), return_inverse=True)
-    text = ctx.encode_text(list(distinct), batch_size=batch_size)
-    full = np.zeros((len(captions), text.shape[1]), dtype=np.float32)
-    full[has] = text[inverse]
-    score = clip_scores(ctx.emb, full, has_text=has)
+    shipped = ctx.source_text() if text_embeddings != "compute" and ctx.source_text is not None else None
+    if text_embeddings == "source" and shipped is None:
+        raise ValueError("clip_score text_embeddings: source needs a precomputed source with text_emb_paths (LAION text_emb/*.npy)")
+    if shipped is not None:
+        if shipped.shape != ctx.emb.shape:
+            raise ValueError(f"the source's text embeddings {shipped.shape} do not match the image embeddings {ctx.emb.shape}")
+        has = np.linalg.norm(shipped, axis=1) > 0  # zero rows: no caption embedding shipped
+        score = clip_scores(ctx.emb, shipped, has_text=has)
+        info: dict[str, Any] = {"text_embeddings": "source", "captions": int(has.sum())}
+    else:
+        captions = np.asarray(ctx.captions if ctx.captions is not None else [None] * len(ctx.alive), dtype=object)
+        has = np.array([c is not None and c != "" for c in captions], dtype=bool)
+        if not has.any():
+            raise ValueError("clip_score needs captions (webdataset .txt/.json, a table's caption_column) or a precomputed "
+                             "source's text_emb_paths; this source has none")
+        distinct, inverse = np.unique(captions[has].astype(str), return_inverse=True)
+        text = ctx.encode_text(list(distinct), batch_size=batch_size)
+        full = np.zeros((len(captions), text.shape[1]), dtype=np.float32)
+        full[has] = text[inverse]
+        score = clip_scores(ctx.emb, full, has_text=has)
+        info = {"text_embeddings": "computed", "captions": int(has.sum()), "distinct_captions": len(distinct)}
     drop, note = drop_by_score(ctx, score, keep="high", keep_fraction=keep_fraction, threshold=threshold, quantile=quantile)
-    return StepOutput(scores={"score_clip": score}, drop=drop,
-                      info={"captions": int(has.sum()), "distinct_captions": len(distinct), **note})
+    return StepOutput(scores={"score_clip": score}, drop=drop, info={**info, **note})
 
 
 @step("label_agreement", reason="label_mismatch", needs=("labels",),

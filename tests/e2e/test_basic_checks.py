@@ -180,3 +180,107 @@ def test_an_empty_eval_source_is_refused_before_embedding(tmp_path, cifar_subset
     })
     with pytest.raises(ValueError, match="eval source .* is empty"):
         check_targets(cfg)
+
+
+def _laion_files(root: Path, image: np.ndarray, text: np.ndarray | None) -> dict:
+    """One shard of the LAION layout written as real files: img_emb/, metadata/ (key, caption), text_emb/ when given."""
+    for sub in ("img_emb", "metadata", "text_emb"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0000.npy", image)
+    keys = [f"k{i:04d}" for i in range(len(image))]
+    pl.DataFrame({"key": keys, "caption": [f"caption {k}" for k in keys]}).write_parquet(root / "metadata" / "metadata_0000.parquet")
+    spec = {"kind": "precomputed", "emb_paths": str(root / "img_emb" / "*.npy"), "meta_paths": str(root / "metadata" / "*.parquet"),
+            "caption_column": "caption"}
+    if text is not None:
+        np.save(root / "text_emb" / "text_emb_0000.npy", text)
+        spec["text_emb_paths"] = str(root / "text_emb" / "*.npy")
+    return spec
+
+
+def test_clip_score_reads_the_text_embeddings_a_precomputed_source_ships(tmp_path):
+    # Captions that describe their image: text = image + small noise; 20 planted mismatched captions: random text rows.
+    rng = np.random.default_rng(3)
+    n, d = 200, 32
+    image = rng.standard_normal((n, d)).astype(np.float32)
+    text = image + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    mismatched = rng.choice(n, 20, replace=False)
+    text[mismatched] = rng.standard_normal((20, d))
+    no_text = np.setdiff1d(np.arange(n), mismatched)[:5]
+    text[no_text] = 0.0  # no caption embedding shipped for these rows
+    spec = _laion_files(tmp_path / "laion", image, text)
+    base = {"embed": {"kind": "precomputed"}, "index": {"k": 4}, "output_root": str(tmp_path / "runs"), "report": False}
+    run_dir = _run({**base, "name": "pre", "source": spec, "steps": [{"scorer": "clip_score", "keep_fraction": 0.9}]})
+    m = read_manifest(run_dir).sort("uid")
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = np.einsum("ij,ij->i", unit(image), unit(text))
+    has = np.ones(n, bool)
+    has[no_text] = False
+    score = m["score_clip"].to_numpy()
+    np.testing.assert_allclose(score[has], expected[has], atol=2e-3)  # the store holds float16
+    assert np.isnan(score[~has]).all() or m["score_clip"].null_count() == len(no_text)
+    dropped = {int(u[1:]) for u in m.filter(pl.col("reason") == "clip_score")["uid"].to_list()}
+    assert dropped == set(mismatched.tolist())  # keep 90% of 200: exactly the 20 planted
+    assert m.filter(pl.col("uid").is_in([f"k{i:04d}" for i in no_text]))["keep"].all()
+    note = next(s for s in read_run_info(run_dir)["steps"] if s["scorer"] == "clip_score")
+    assert note["text_embeddings"] == "source" and note["captions"] == n - len(no_text)
+    # asking for the text tower on a precomputed run, or for shipped text embeddings where there are none: one clear error
+    with pytest.raises(ValueError, match="needs the CLIP text tower"):
+        _run({**base, "name": "compute", "source": spec,
+              "steps": [{"scorer": "clip_score", "keep_fraction": 0.9, "text_embeddings": "compute"}]})
+    bare = _laion_files(tmp_path / "bare", image, None)
+    with pytest.raises(ValueError, match="text_embeddings: source needs a precomputed source with text_emb_paths"):
+        _run({**base, "name": "bare", "source": bare, "steps": [{"scorer": "clip_score", "keep_fraction": 0.9, "text_embeddings": "source"}]})
+
+
+def test_cli_refuses_text_embeddings_of_another_dimension(tmp_path, capsys):
+    from flows.cli import main
+
+    rng = np.random.default_rng(4)
+    spec = _laion_files(tmp_path / "laion", rng.standard_normal((30, 16)).astype(np.float32),
+                        rng.standard_normal((30, 12)).astype(np.float32))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(__import__("json").dumps({"name": "dim", "source": spec, "embed": {"kind": "precomputed"}, "index": {"k": 2},
+                                             "output_root": str(tmp_path / "runs"), "report": False,
+                                             "steps": [{"scorer": "clip_score", "keep_fraction": 0.5}]}))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "runs").exists()  # refused before the run started
+    assert len(err) == 1 and err[0].startswith("winnow: error:") and "have dim 12, the image embeddings 16" in err[0]
+
+
+def test_outlier_against_a_target_finds_an_off_domain_group(cifar_subset, tmp_path):
+    # 24 near-identical magenta/green checkerboards among 500 CIFAR images: each other's 10 nearest neighbours, so kNN
+    # among the pool's own rows ranks them last; against the test split (the target, also leak's eval source: embedded
+    # once) they are far from everything.
+    shutil.copytree(cifar_subset / "train", tmp_path / "train")
+    rng = np.random.default_rng(5)
+    squares = ((np.arange(32)[:, None, None] // 8) + (np.arange(32)[None, :, None] // 8)) % 2 == 0
+    group = set()
+    for j in range(24):
+        arr = np.where(squares, np.array([255, 0, 255]), np.array([0, 255, 0])) + rng.normal(0, 6, (32, 32, 3))
+        _jpeg(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), tmp_path / "train" / "frog" / f"board{j}.jpg")
+        group.add(f"frog/board{j}.jpg")
+    test = {"kind": "image_folder", "root": str(cifar_subset / "test")}
+    run_dir = _run({
+        "name": "group", "source": {"kind": "image_folder", "root": str(tmp_path / "train")},
+        "embed": {"kind": "pixels", "num_workers": 0, "dtype": "float32"}, "index": {"k": 5},
+        "steps": [{"scorer": "leak", "eval_sources": [test]},
+                  {"scorer": "outlier", "k": 10, "target": test, "keep_fraction": 0.95}],
+        "output_root": str(tmp_path / "runs"), "report": False,
+    })
+    m = read_manifest(run_dir)
+    dropped = set(m.filter(pl.col("reason") == "outlier")["uid"].to_list())
+    assert group <= dropped  # all 24, among the 5% (~26 rows) dropped
+    note = next(s for s in read_run_info(run_dir)["steps"] if s["scorer"] == "outlier")
+    assert note["neighbours_in"] == "target" and note["target_rows"] == 200
+    assert len(list((run_dir / "targets").glob("*/store"))) == 1  # the shared source was embedded once
+    # the same rows without a target: the group hides in its own neighbourhood
+    from pipeline.store import EmbeddingStore
+    from scorers.outlier import outlier_scores
+
+    emb, meta = EmbeddingStore(run_dir / "store").load()
+    pool_only = outlier_scores(emb, k=10)
+    uids = meta["uid"].to_numpy()
+    top = set(uids[np.argsort(-pool_only.kth_distance)[:26]])
+    assert len(top & group) <= 2
