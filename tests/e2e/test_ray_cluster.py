@@ -21,9 +21,9 @@ from tests.e2e._servers import BIN, REPO, client_env, free_port, make_images, st
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is None, reason="prefect-ray is not installed (extra: ray)"),
-    # opt-in until it has passed once: on the overloaded machine where it was written, `ray start --head` never came
-    # up within Ray's fixed raylet-registration time, so the flow part has not run yet
-    pytest.mark.skipif(not os.environ.get("WINNOW_RAY_CLUSTER_TEST"), reason="opt-in: set WINNOW_RAY_CLUSTER_TEST=1 (not yet verified)"),
+    # opt-in: it starts a whole Ray head (4+ minutes on 2 cores); it passed 2 of 3 runs on the 2-core machine, the other
+    # failing in Ray itself ("Starting Ray client server failed": the per-job client server exited), so it stays out of CI
+    pytest.mark.skipif(not os.environ.get("WINNOW_RAY_CLUSTER_TEST"), reason="opt-in: set WINNOW_RAY_CLUSTER_TEST=1 (starts a Ray head)"),
 ]
 
 
@@ -62,7 +62,7 @@ def test_standing_ray_cluster_with_token_auth_gives_the_local_manifest(tmp_path)
         cfg = write_config(tmp_path / "ray.yaml", images, out / "ray", "cluster", f"runner: {{kind: ray, address: '{address}', workers: 4}}\n")
         run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(cfg)], cwd=REPO, capture_output=True, text=True,
                              timeout=900, env=client_env(tmp_path / "home", **ray_env))
-        assert run.returncode == 0, run.stderr[-4000:]
+        assert run.returncode == 0, run.stderr[-4000:] + _client_server_logs(temp_dir)
         assert f"Connecting to an existing Ray instance at {address}" in run.stderr
         print("ray standing-cluster run:", run.stdout.strip().splitlines()[:3])
 
@@ -75,3 +75,9 @@ def test_standing_ray_cluster_with_token_auth_gives_the_local_manifest(tmp_path)
         if head is not None:
             stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _client_server_logs(temp_dir: str) -> str:
+    """The tails of Ray's client-server logs (the proxier and the per-job servers it starts), for a failed run."""
+    logs = sorted(Path(temp_dir).glob("session_*/logs/ray_client_server*.err"))
+    return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-2000:]}" for log in logs)
