@@ -1,4 +1,4 @@
-"""`winnow` command line: run, deploy, demo, report, validate, summary, distill, evaluate.
+"""`winnow` command line: run, deploy, demo, report, validate, summary, diff, store compact, distill, evaluate.
 
 Heavy modules (torch, open_clip, Prefect) are imported inside the commands, after the config and the source have been
 checked: a config error is reported in well under a second, before any server starts.
@@ -56,6 +56,15 @@ def format_summary(info: dict[str, Any], manifest_path: Path) -> str:
     lines.append(f"  samples: {counts['samples']}   kept: {counts['kept']} ({counts['kept'] / max(counts['samples'], 1):.1%})")
     if counts.get("store_status"):
         lines.append("  store status: " + ", ".join(f"{k}={v}" for k, v in counts["store_status"].items()))
+    incremental = info.get("incremental") or {}
+    if incremental.get("source_changes"):
+        changes = incremental["source_changes"]
+        lines.append(f"  source since version {info.get('previous_version') or '-'}: "
+                     + ", ".join(f"{k} {changes.get(k, 0)}" for k in ("new", "changed", "removed", "unchanged"))
+                     + f"   (mode {incremental.get('mode')}{'; ' + incremental['fallback'] if incremental.get('fallback') else ''})")
+    if info.get("delta"):
+        lines.append(f"  version {info.get('version')} vs {info.get('previous_version') or 'none'}: "
+                     + ", ".join(f"{k} {v}" for k, v in info["delta"].items()))
     if counts.get("embed_shards_skipped"):
         lines.append(f"  embed shards reused from an earlier run: {counts['embed_shards_skipped']}")
     if info.get("steps"):
@@ -246,6 +255,25 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from pipeline.versions import format_changes, read_changes
+
+    start, end, changes = read_changes(args.run_dir, from_version=args.from_version, to_version=args.to_version)
+    print(format_changes(args.run_dir, start, end, changes))
+    return 0
+
+
+def cmd_store_compact(args: argparse.Namespace) -> int:
+    from pipeline.store import EmbeddingStore
+
+    store = EmbeddingStore(args.store)
+    store.info()  # a store, readable
+    result = store.compact()
+    print(f"{args.store}: {result['shards_rewritten']} shard(s) rewritten, {result['rows_removed']} tombstoned row(s) "
+          f"dropped, {result['files_deleted']} file(s) deleted")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from pipeline.config import load_validated
 
@@ -347,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--holdout-fraction", type=float, default=None, help="test split by uid hash (default 0.2)")
     evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
     evaluate.set_defaults(fn=cmd_evaluate)
+
+    diff = sub.add_parser("diff", help="what changed between two manifest versions of a run (counts per change and reason)")
+    diff.add_argument("run_dir")
+    diff.add_argument("--from", dest="from_version", type=int, default=None, help="older version (default: the one before --to)")
+    diff.add_argument("--to", dest="to_version", type=int, default=None, help="newer version (default: the latest)")
+    diff.set_defaults(fn=cmd_diff)
+
+    store = sub.add_parser("store", help="maintain an embedding store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    compact = store_sub.add_parser("compact", help="rewrite the shards that hold tombstones (atomic, resumable)")
+    compact.add_argument("store", help="the store directory (e.g. manifests/runs/NAME/store)")
+    compact.set_defaults(fn=cmd_store_compact)
 
     summary = sub.add_parser("summary", help="print the summary of a finished run (curate or distill)")
     summary.add_argument("run_dir")

@@ -74,6 +74,9 @@ class PrefectExecutor:
         (cfg.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # the run directory's last run succeeded
         counts = info["counts"]
         rows = "\n".join(f"| {reason} | {n} |" for reason, n in counts["by_reason"].items())
+        delta = "\n".join(f"| {change} | {n} |" for change, n in (info.get("delta") or {}).items())
+        delta = (f"Version {info.get('version')} against version {info.get('previous_version') or '(none)'}:\n\n"
+                 f"| change | rows |\n|---|---|\n{delta}\n\n") if delta else ""
         link = f"Report: [{report_path}](file://{Path(report_path).resolve()})  \n" if report_path else ""
         evaluation = ""
         if info.get("evaluation"):  # the selection against random (the `evaluate:` block)
@@ -84,7 +87,7 @@ class PrefectExecutor:
             key=f"winnow-{cfg.name}".lower().replace("_", "-").replace(".", "-"),
             markdown=(
                 f"# winnow run `{cfg.name}`\n\n{counts['kept']} of {counts['samples']} samples kept.\n\n"
-                f"| reason | rows |\n|---|---|\n{rows}\n\n"
+                f"| reason | rows |\n|---|---|\n{rows}\n\n{delta}"
                 f"{evaluation}"
                 f"{link}Manifest: `{cfg.run_dir.resolve() / 'manifest.parquet'}`\n"
             ),

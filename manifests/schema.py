@@ -51,6 +51,7 @@ BASE_REASONS = (
     "bad_input",  # bytes could not be read or decoded
     "select",  # cut by a selection rule on a combined score
     "synthetic",  # rows of a distilled set
+    "missing",  # the source no longer holds the sample (listed once, in the version that notices; see pipeline/versions.py)
 )
 
 

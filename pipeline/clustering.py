@@ -37,13 +37,19 @@ def fit_index(cfg: CurateConfig, store: EmbeddingStore, emb: np.ndarray, fan_out
         with atomic_path(centroids_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, centroids=centroids, used_gpu=used_gpu)
-    shards = store.done_shards()
+    shards = store.shards()
     fan_out(assign_shard, [{"store_root": store.root, "shard": s, "centroids": centroids, "key": key} for s in shards])
-    parts = [np.load(_assignment_path(store.root, key, s), allow_pickle=False) for s in shards]
+    dead = store.dead_codes()
+    assignment, similarity = [], []
+    for s in shards:  # a shard's saved assignment covers all its ok rows; tombstoned ones are left out here
+        with np.load(_assignment_path(store.root, key, s), allow_pickle=False) as part:
+            live = store.alive_ok_rows(s, dead)
+            assignment.append(part["assignment"] if live is None else part["assignment"][live])
+            similarity.append(part["similarity"] if live is None else part["similarity"][live])
     result = KMeansResult(
         centroids=centroids,
-        assignment=np.concatenate([p["assignment"] for p in parts]) if parts else np.empty(0, np.int32),
-        similarity=np.concatenate([p["similarity"] for p in parts]) if parts else np.empty(0, np.float32),
+        assignment=np.concatenate(assignment) if assignment else np.empty(0, np.int32),
+        similarity=np.concatenate(similarity) if similarity else np.empty(0, np.float32),
         params=params,
         used_gpu=used_gpu,
     )

@@ -92,6 +92,22 @@ class RunnerConfig(Strict):
     cluster_batches: int = Field(0, ge=0)  # cluster batches per SemDeDup step; 0 = 4 per worker
 
 
+class IncrementalConfig(Strict):
+    """How a rerun over a grown or changed source decides (README "Curating a growing dataset on a schedule").
+
+    recompute: every step reruns on every live row (nothing is embedded again); decisions may change and the version's
+    changes.parquet says which. append: rows of the previous version keep their decisions; only new or changed rows are
+    decided: assigned to the previous version's centroids, deduplicated against every live row (exact by sha1,
+    SemDeDup within the cluster), then the other steps run on the new rows alone. The centroids are refitted (a
+    recompute run) when `refit` is set or when the drift statistic (the new rows' mean cosine distance to their
+    centroid over the same mean at fit time, minus 1) exceeds `drift_threshold`.
+    """
+
+    mode: Literal["recompute", "append"] = "recompute"
+    refit: bool = False
+    drift_threshold: float = Field(0.25, gt=0)
+
+
 class StepConfig(Strict):
     """One scoring step. `scorer` names it; the other keys are its knobs (declared by its step in scorers/, see scorers/step.py)."""
 
@@ -124,6 +140,7 @@ class CurateConfig(Strict):
     index: IndexConfig = IndexConfig()
     runner: RunnerConfig = RunnerConfig()
     steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(scorer="exact_dup")])
+    incremental: IncrementalConfig = IncrementalConfig()
     store_dir: Path | None = None  # default: <output_root>/<name>/store
     output_root: Path = Path("manifests/runs")
     export_uri: str | None = None  # also copy the finished manifest, report and run.json to <export_uri>/<name>/ (fsspec)

@@ -638,7 +638,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluateConfig | None = None, *,
         import json
 
         info["evaluation"] = result
-        atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(info, indent=2, sort_keys=True, default=_json_default))
+        atomic_write_text((Path(run_dir) / RUN_FILE).resolve(), json.dumps(info, indent=2, sort_keys=True, default=_json_default))
     return result
 
 
@@ -660,8 +660,10 @@ def embed_eval_source(info: dict[str, Any], run_dir: str | Path, spec: SourceCon
     else:
         embedder = fill_store.make_embedder(cfg, None, EmbeddingStore(info["store"]["path"]))
         store = fill_store.init_store(sub, plan, embedder, embedder.dim)
-        for shard, (start, stop) in enumerate(plan.shards):
-            fill_store.embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+        increment, jobs = fill_store.image_jobs(sub, plan, store)  # only new or changed samples (pipeline.changes)
+        for job in jobs:
+            fill_store.embed_shard(sub, plan.source, job.pop("refs"), store.root, embedder=embedder, **job)
+        fill_store.commit_increment(store, increment)
     x, meta = store.load(dtype="float32")
     if meta["label"].null_count() or len(meta) == 0:
         raise ValueError(f"eval_source {spec.arguments()} needs labelled, decodable samples")

@@ -16,7 +16,8 @@ from pipeline.config import CurateConfig, SourceConfig
 from pipeline.faults import failpoint
 from pipeline.fanout import FanOut, serial_fan_out
 from pipeline.ingest import IngestPlan, plan_ingest
-from pipeline.store import EmbeddingStore, StoreInfo
+from pipeline.changes import Increment, fingerprint_hex, plan_image_increment, plan_precomputed_increment, row_fingerprints
+from pipeline.store import META_SCHEMA, EmbeddingStore, StoreError, StoreInfo
 from scorers.step import EvalSet, target_key
 
 EMBEDDER_STATE_FILE = "embedder_state.npz"
@@ -41,7 +42,18 @@ def make_embedder(cfg: CurateConfig, plan: IngestPlan | None, store: EmbeddingSt
     state_path = store.root / EMBEDDER_STATE_FILE
     if state_path.exists():
         with np.load(state_path, allow_pickle=False) as data:
-            return PixelsEmbedder.from_state({k: data[k] for k in data.files})
+            embedder = PixelsEmbedder.from_state({k: data[k] for k in data.files})
+        # the fitted PCA is reused only for the settings it was fitted with: another size, colour mode, dim or seed
+        # is another embedding space, never a silent reuse
+        asked = {"embed.pixels.size": e.pixels.size, "embed.pixels.grey": e.pixels.grey, "embed.pixels.dim": e.pixels.dim,
+                 "seed": cfg.seed}
+        stored = {"embed.pixels.size": embedder.size, "embed.pixels.grey": embedder.grey, "embed.pixels.dim": embedder.dim,
+                  "seed": embedder.seed}
+        differing = [f"{k}: {stored[k]} → {asked[k]}" for k in asked if stored[k] != asked[k]]
+        if differing:
+            raise StoreError(f"store {store.root} holds pixels embeddings made with other settings ({'; '.join(differing)}); "
+                             "use a new store_dir or delete this store")
+        return embedder
     embedder = PixelsEmbedder(size=e.pixels.size, grey=e.pixels.grey, dim=e.pixels.dim, fit_samples=e.pixels.fit_samples, seed=cfg.seed)
     embedder.fit(_sample_images(plan, e.pixels.fit_samples, seed=cfg.seed, max_side=e.max_side, max_pixels=e.max_pixels))
     store.root.mkdir(parents=True, exist_ok=True)
@@ -83,9 +95,11 @@ def init_store(cfg: CurateConfig, plan: IngestPlan, embedder: Any, dim: int) -> 
 
 
 def embed_shard(
-    cfg: CurateConfig, source: Any, refs: list[Any], store_root: str | Path, shard: int, *, embedder: Any = None
+    cfg: CurateConfig, source: Any, refs: list[Any], store_root: str | Path, shard: int, *, embedder: Any = None,
+    tag: str | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Embeds one shard (its refs only) into the store unless it is already done. Returns counts by status.
+    """Embeds one shard (its refs only) into the store unless it is already done (for the plan `tag`). Returns counts
+    by status. `extra`: meta columns to add, each one value per ref or one value for all (size, mtime_ns, generation).
 
     Without `embedder` (a Dask or Ray worker) the embedder is rebuilt from the config and the store's saved
     state, once per process. Inside a daemonic worker process (Dask's) images are decoded in-process:
@@ -95,7 +109,7 @@ def embed_shard(
     from scorers.quality import image_stats
 
     store = EmbeddingStore(store_root)
-    if store.is_done(shard):
+    if store.is_done(shard, tag):
         return {"skipped": 1}
     embedder = embedder if embedder is not None else worker_embedder(cfg, store.root)
     num_workers = 0 if multiprocessing.current_process().daemon else cfg.embed.num_workers
@@ -105,8 +119,11 @@ def embed_shard(
         progress=progress.advance,  # the stage's one overall display (pipeline/progress.py)
     )
     # quality statistics measured on the pixels decoded for the model go into the store's meta (no second pass)
-    meta = [row if st is None else {**row, **st} for row, st in zip(result.meta, result.stats or [None] * len(result.meta))]
-    store.write_shard(shard, result.embeddings, meta)
+    rows = [row if st is None else {**row, **st} for row, st in zip(result.meta, result.stats or [None] * len(result.meta))]
+    meta = pl.DataFrame([{c: row.get(c) for c in META_SCHEMA} for row in rows], schema=META_SCHEMA, orient="row")
+    for name, values in (extra or {}).items():  # change-detection columns from the listing
+        meta = meta.with_columns(pl.Series(name, np.broadcast_to(np.asarray(values), (meta.height,)), dtype=META_SCHEMA[name]))
+    store.write_shard(shard, result.embeddings, meta, tag=tag)
     failpoint("embed_shard")
     statuses = [m["status"] for m in result.meta]
     return {s: statuses.count(s) for s in set(statuses)}
@@ -125,31 +142,66 @@ def worker_embedder(cfg: CurateConfig, store_root: Path) -> Any:
     return _WORKER_EMBEDDERS[key]
 
 
+def image_jobs(cfg: CurateConfig, plan: IngestPlan, store: EmbeddingStore) -> tuple[Increment, list[dict[str, Any]]]:
+    """The store's increment for an image source (pipeline.changes) and one embed_shard call (minus cfg, source,
+    store_root and embedder) per new shard: its refs, shard number, tag and change-detection columns."""
+    inc = plan_image_increment(store, plan.source, plan.refs, cfg.embed.shard_size)
+    generation = store.generation() + 1
+    assert inc.listing is not None
+    sizes, tokens = inc.listing["size"].to_numpy(), inc.listing["mtime_ns"].to_numpy()
+    jobs = [{"refs": [plan.refs[i] for i in job.rows], "shard": job.shard, "tag": job.tag,
+             "extra": {"size": sizes[job.rows], "mtime_ns": tokens[job.rows], "generation": generation}} for job in inc.jobs]
+    return inc, jobs
+
+
+def commit_increment(store: EmbeddingStore, inc: Increment) -> int:
+    """Publishes the increment (new shards live, tombstones added) unless it changes nothing; returns the store's
+    generation. Call only once every job's shard is written."""
+    if not inc.jobs and not len(inc.dead) and store.catalog() is not None:
+        return store.generation()
+    generation = inc.commit(store)
+    failpoint("store_commit")
+    return generation
+
+
 def ingest_precomputed(cfg: CurateConfig, plan: IngestPlan, fan_out: FanOut | None = None) -> EmbeddingStore:
-    """Copies precomputed embeddings (LAION/DataComp layout) into a store, one embedding file per store shard
-    (one task per file with a fan_out)."""
+    """Brings a store up to date with precomputed embeddings (LAION/DataComp layout): file pairs unchanged since
+    the last run are not read; rows of new or changed files that are new or changed are copied, one new store shard
+    per file (one task per file with a fan_out); rows gone are tombstoned (pipeline.changes)."""
     if not plan.shards:
         raise ValueError("the precomputed source has no shards")
     header = np.load(plan.source.emb_paths[0], mmap_mode="r")
     store = init_store(cfg, plan, None, header.shape[1])
-    calls = [{"source": plan.source, "store_root": store.root, "shard": shard} for shard in range(len(plan.shards))]
+    inc = plan_precomputed_increment(store, plan.source)
+    generation = store.generation() + 1
+    calls = [{"source": plan.source, "store_root": store.root, "shard": job.shard, "file": job.file, "rows": job.rows,
+              "tag": job.tag, "generation": generation} for job in inc.jobs]
     (fan_out or serial_fan_out)(ingest_precomputed_shard, calls)
+    commit_increment(store, inc)
     return store
 
 
-def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) -> dict[str, int]:
-    """One embedding file into store shard `shard`: rows L2-normalised in float32 chunk by chunk; zero, NaN or Inf
-    rows become meta rows with status bad_embedding. Skipped when the shard is done."""
+def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int, file: int | None = None,
+                             rows: np.ndarray | None = None, tag: str | None = None, generation: int | None = None) -> dict[str, int]:
+    """Rows `rows` (default: all) of embedding file `file` (default: `shard`) into store shard `shard`: L2-normalised
+    in float32 chunk by chunk; zero, NaN or Inf rows become meta rows with status bad_embedding; sha1 holds a 64-bit
+    fingerprint of each source row's bytes (change detection). Skipped when the shard is done for `tag`."""
     store = EmbeddingStore(store_root)
-    if store.is_done(shard):
+    if store.is_done(shard, tag):
         return {"skipped": 1}
-    samples = source.shard_frame(shard)
-    emb = np.load(source.emb_paths[shard], mmap_mode="r")
-    n = samples.height
+    file = shard if file is None else file
+    samples = source.shard_frame(file)
+    emb = np.load(source.emb_paths[file], mmap_mode="r")
+    rows = np.arange(samples.height) if rows is None else np.asarray(rows, dtype=np.int64)
+    samples = samples[rows.tolist()] if len(rows) != samples.height else samples
+    n = len(rows)
     ok = np.zeros(n, dtype=bool)
-    unit = np.empty(emb.shape, dtype=store.info().dtype)  # normalised in float32, held in the store's dtype
+    fingerprints = np.empty(n, dtype=np.uint64)
+    unit = np.empty((n, emb.shape[1]), dtype=store.info().dtype)  # normalised in float32, held in the store's dtype
     for s in range(0, n, 65_536):
-        x = np.asarray(emb[s:s + 65_536], dtype=np.float32)
+        raw = np.asarray(emb[rows[s:s + 65_536]])
+        fingerprints[s:s + len(raw)] = row_fingerprints(raw)
+        x = raw.astype(np.float32)
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
         ok[s:s + len(x)] = good
@@ -166,12 +218,13 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int) ->
     if not ok.all():
         unit = unit[ok]
     meta = samples.with_columns(
-        pl.lit(None, dtype=pl.String).alias("sha1"),
+        fingerprint_hex(fingerprints),
         pl.lit(0, dtype=pl.Int32).alias("width"),
         pl.lit(0, dtype=pl.Int32).alias("height"),
         pl.Series("status", np.where(ok, "ok", "bad_embedding"), dtype=pl.String),
+        pl.lit(generation, dtype=pl.Int64).alias("generation"),
     )
-    store.write_shard(shard, unit, meta, text_embeddings=text)
+    store.write_shard(shard, unit, meta, text_embeddings=text, tag=tag)
     return {"ok": int(ok.sum()), "bad_embedding": int((~ok).sum())}
 
 
@@ -208,8 +261,10 @@ def embed_targets(cfg: CurateConfig, embedder: Any) -> dict[str, Any]:
             if embedder is None:
                 raise ValueError(f"an image {what} needs an image embedder; with precomputed embeddings give precomputed ones")
             store = init_store(sub, plan, embedder, embedder.dim)
-            for shard, (start, stop) in enumerate(plan.shards):
-                embed_shard(sub, plan.source, plan.refs[start:stop], store.root, shard, embedder=embedder)
+            inc, jobs = image_jobs(sub, plan, store)
+            for job in jobs:
+                embed_shard(sub, plan.source, job.pop("refs"), store.root, embedder=embedder, **job)
+            commit_increment(store, inc)
         emb, meta = store.load()
         if len(emb) == 0:
             raise ValueError(f"{what} {spec} has no usable samples")

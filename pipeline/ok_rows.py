@@ -38,22 +38,30 @@ class OkRows:
 def open_rows(store: EmbeddingStore) -> tuple[StoreRows, OkRows]:
     """The store's ok embeddings as a lazy n × d view (nothing read yet) and the ok rows' compact facts.
 
-    Reads every shard's meta once (checking row counts and widths against the embeddings). The uids are held as one
-    Arrow string column only while they are ranked and written to <store>/index/uids-<fingerprint>.arrow.
+    Reads every live shard's meta once (checking row counts and widths against the embeddings). Tombstoned rows
+    (removed or changed samples of a growing store) are left out: the view then holds the live rows' indices.
+    The uids are held as one Arrow string column only while they are ranked and written to
+    <store>/index/uids-<fingerprint>.arrow.
     """
     import pyarrow as pa
 
     store.check_complete()
     info = store.info()
+    dead = store.dead_codes()
     shards, paths, counts, uids, labels, bad_rows = [], [], [], [], [], 0
-    for shard, _, meta in store.iter_shards():
-        ok = meta.filter(pl.col("status") == "ok")
-        bad_rows += meta.height - ok.height
+    live_rows: list[np.ndarray] = []  # per shard, the ok rows that are live, as global embedding rows
+    total = 0
+    for shard, emb, meta in store.iter_shards():
+        live = store.live_meta(shard, meta, dead)
+        ok = live.filter(pl.col("status") == "ok")
+        bad_rows += live.height - ok.height
         shards.append(shard)
         paths.append(store.emb_path(shard))
         counts.append(ok.height)
         uids.append(ok["uid"])
         labels.append(ok["label"])
+        live_rows.append(total + ok["emb_row"].to_numpy())
+        total += len(emb)
     all_uids = pl.concat(uids) if uids else pl.Series("uid", [], dtype=pl.String)
     del uids
     uid_rank = (all_uids.rank("ordinal").cast(pl.Int64) - 1).to_numpy()
@@ -67,6 +75,8 @@ def open_rows(store: EmbeddingStore) -> tuple[StoreRows, OkRows]:
     del all_uids
     label_column = pl.concat(labels) if labels else pl.Series("label", [], dtype=pl.String)
     rows = StoreRows.open(paths, dim=info.dim, dtype=info.dtype)
+    if sum(counts) != total:  # tombstones: a view of the live rows only
+        rows = rows.subset(np.concatenate(live_rows) if live_rows else np.empty(0, np.int64))
     return rows, OkRows(shards=shards, ok_counts=counts, uid_rank=uid_rank, labels=shared_strings(label_column), uid_file=uid_file,
                       bad_rows=bad_rows)
 

@@ -61,12 +61,25 @@ def write_curate_manifest(
     notes: list[dict[str, Any]],
     stats: RunStats,
     fan_out: FanOut | None = None,
+    incremental: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, int]]:
-    """The run's manifest, one part per store shard, each built by a task from its shard's meta and its slice of
-    the scored columns; run.json last. Returns the manifest path and the counts written to run.json."""
-    from pipeline.manifest import commit_manifest
+    """The run's manifest as the run directory's next version (pipeline.versions): one part per store shard, each
+    built by a task from its shard's live meta and its slice of the scored columns, plus one part for the previous
+    version's rows whose samples are gone (reason `missing`); run.json, the centroids and changes.parquet beside them.
+    Returns the manifest path (<run>/manifest.parquet, the latest version) and the counts written to run.json."""
+    from pipeline.append import CENTROIDS_FILE
+    from pipeline.manifest import MANIFEST_FILE, commit_manifest
+    from pipeline.versions import publish
 
-    counts = manifest_counts(columns["reason"], n_bad=rows.bad_rows)
+    previous = previous_run_record(cfg.run_dir)
+    missing = missing_rows(cfg.run_dir, store)
+    counts = manifest_counts(columns["reason"], n_bad=rows.bad_rows, n_missing=missing.height)
+    record = dict(incremental or {"mode": cfg.incremental.mode})
+    record["store_generation"] = store.generation()
+    changes = store.changes_since(int(previous.get("store_generation", 0)))
+    changes["unchanged"] = len(rows) + rows.bad_rows - changes["new"] - changes["changed"]
+    record["source_changes"] = changes
+    stats.counts["source_changes"] = changes
     cluster = kmeans.assignment.astype(np.int32)
     calls = []
     for position, shard in enumerate(rows.shards):
@@ -74,22 +87,72 @@ def write_curate_manifest(
         part_columns = {name: values[start:stop] for name, values in columns.items()}
         calls.append({"store_root": store.root, "shard": shard, "columns": {**part_columns, "cluster": cluster[start:stop]},
                       "uid_file": rows.uid_file, "index": position})
-    # run.json is made once the parts are written, so it holds the manifest stage's time up to its own writing
-    def info() -> dict[str, Any]:
-        return run_info(cfg, store, counts, notes, stats)
+    if missing.height:
+        scores = sorted(c for c in columns if c.startswith("score_"))
+        calls.append({"store_root": None, "shard": -1, "columns": {}, "uid_file": None, "index": len(calls),
+                      "missing": missing, "score_columns": scores})
 
-    return commit_manifest(cfg.run_dir, info, build_manifest_part, calls, fan_out=fan_out), counts
+    def write(folder: Path, version: int) -> None:
+        # run.json is made once the parts are written, so it holds the manifest stage's time up to its own writing
+        def info() -> dict[str, Any]:
+            return {**run_info(cfg, store, counts, notes, stats), "incremental": record, "version": version}
+
+        commit_manifest(folder, info, build_manifest_part, calls, fan_out=fan_out)
+        np.save(folder / CENTROIDS_FILE, np.asarray(kmeans.centroids, dtype=np.float32))
+
+    publish(cfg.run_dir, write)
+    return cfg.run_dir / MANIFEST_FILE, counts
 
 
-def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, np.ndarray], uid_file: Path, path: Path) -> int:
-    """One store shard's manifest rows, sorted by uid: its ok rows with their scored columns (dup_of row numbers
-    named by uid), its unusable rows as reason bad_input. Validated and written to `path`; returns the rows."""
+def previous_run_record(run_dir: Path) -> dict[str, Any]:
+    """The latest published version's run.json "incremental" record ({} before the first version)."""
+    from pipeline.manifest import read_run_info
+    from pipeline.versions import latest_version, version_dir
+
+    version = latest_version(run_dir)
+    if version is None:
+        return {}
+    return dict(read_run_info(version_dir(run_dir, version)).get("incremental") or {})
+
+
+def missing_rows(run_dir: Path, store: EmbeddingStore) -> pl.DataFrame:
+    """The latest version's rows (uid, label, location, caption) whose sample the store no longer holds live: the
+    source lost them. Rows already `missing` there are not carried again."""
+    from pipeline.versions import carry_decisions, migrate_legacy
+
+    migrate_legacy(run_dir)
+    before = carry_decisions(run_dir)
+    if before is None:
+        return pl.DataFrame(schema={"uid": pl.String})
+    wanted = [c for c in ("uid", "label", "location", "caption") if c in before.columns]
+    before = before.filter(pl.col("reason").fill_null("") != "missing").select(wanted)
+    live = store.all_meta(columns=["uid"])
+    return before.join(live, on="uid", how="anti").sort("uid")
+
+
+def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict[str, np.ndarray], uid_file: Path | None, path: Path,
+                        missing: pl.DataFrame | None = None, score_columns: list[str] | None = None) -> int:
+    """One store shard's manifest rows, sorted by uid: its live ok rows with their scored columns (dup_of row numbers
+    named by uid), its live unusable rows as reason bad_input. With `missing` (shard -1): those rows, reason
+    `missing`, with the same columns as the shard parts. Validated and written to `path`; returns the rows."""
     from pipeline.manifest import conform, validate, write_part
 
-    meta = EmbeddingStore(store_root).read_meta(shard).select("uid", "label", "location", "caption", "status")
+    if missing is not None:
+        part = missing.with_columns(
+            pl.lit(False).alias("keep"), pl.lit(0.0, dtype=pl.Float32).alias("weight"), pl.lit(-1, dtype=pl.Int32).alias("cluster"),
+            pl.lit("missing").alias("reason"), pl.lit(None, dtype=pl.String).alias("dup_of"),
+            pl.lit(None, dtype=pl.String).alias("status"),
+            *[pl.lit(None, dtype=pl.Float32).alias(c) for c in score_columns or []],
+        )
+        part = conform(part)
+        validate(part)
+        return write_part(part, path)
+
+    meta = EmbeddingStore(store_root).live_meta(shard).select("uid", "label", "location", "caption", "status")
     columns = dict(columns)
     reason, dup_idx, weight, cluster = columns.pop("reason"), columns.pop("dup_of"), columns.pop("weight"), columns.pop("cluster")
-    dup_uid = np.full(len(dup_idx), None, dtype=object)
+    carried = columns.pop("dup_of_uid", None)  # append mode: originals named by the previous version
+    dup_uid = np.full(len(dup_idx), None, dtype=object) if carried is None else np.asarray(carried, dtype=object).copy()
     has_dup = dup_idx >= 0
     if has_dup.any():
         dup_uid[has_dup] = uids_at(uid_file, dup_idx[has_dup])
@@ -117,12 +180,15 @@ def build_manifest_part(store_root: str | Path, shard: int, columns: dict[str, n
     return write_part(part, path)
 
 
-def manifest_counts(reason: np.ndarray, *, n_bad: int) -> dict[str, Any]:
-    """run.json's counts for a manifest of the scored rows' `reason`s (None = kept) plus n_bad bad_input rows."""
+def manifest_counts(reason: np.ndarray, *, n_bad: int, n_missing: int = 0) -> dict[str, Any]:
+    """run.json's counts for a manifest of the scored rows' `reason`s (None = kept) plus n_bad bad_input rows and
+    n_missing rows whose samples are gone."""
     by_reason = {("kept" if r is None else str(r)): n for r, n in Counter(reason.tolist()).items()}
     if n_bad:
         by_reason["bad_input"] = by_reason.get("bad_input", 0) + n_bad
-    return {"samples": len(reason) + n_bad, "kept": by_reason.get("kept", 0), "by_reason": dict(sorted(by_reason.items()))}
+    if n_missing:
+        by_reason["missing"] = by_reason.get("missing", 0) + n_missing
+    return {"samples": len(reason) + n_bad + n_missing, "kept": by_reason.get("kept", 0), "by_reason": dict(sorted(by_reason.items()))}
 
 
 def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], notes: list[dict[str, Any]], stats: RunStats) -> dict[str, Any]:
@@ -152,9 +218,10 @@ def run_info(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], n
 
 
 def store_status_counts(store: EmbeddingStore) -> dict[str, int]:
-    """Meta rows by status over every finished shard (counted shard by shard)."""
+    """Live meta rows by status over every live shard (counted shard by shard)."""
     counts: dict[str, int] = {}
-    for shard in store.done_shards():
-        for status, n in store.read_meta(shard).group_by("status").len().iter_rows():
+    dead = store.dead_codes()
+    for shard in store.shards():
+        for status, n in store.live_meta(shard, dead=dead).group_by("status").len().iter_rows():
             counts[str(status)] = counts.get(str(status), 0) + int(n)
     return dict(sorted(counts.items()))

@@ -11,16 +11,16 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from pipeline.clustering import fit_index
+from pipeline.append import decide
 from pipeline.config import CurateConfig, check_before_embedding
 from pipeline.fanout import serial_fan_out
-from pipeline.fill_store import embed_shard, embed_targets, ingest_precomputed, init_store, make_embedder, needs_targets
+from pipeline.fill_store import (commit_increment, embed_shard, embed_targets, image_jobs, ingest_precomputed, init_store,
+                                 make_embedder, needs_targets)
 from pipeline.ingest import IngestPlan, listing_counts, plan_ingest
 from pipeline.manifest import export_run, read_run_info
 from pipeline.ok_rows import OkRows, open_rows
 from pipeline.run_record import RunStats, store_status_counts, write_curate_manifest
 from pipeline.runlock import acquire, describe
-from pipeline.scoring import score
 from pipeline.store import EmbeddingStore
 
 log = logging.getLogger("winnow")
@@ -102,35 +102,39 @@ def _sequence(cfg: CurateConfig, ex: Executor) -> dict[str, Any]:
             store = ex.stage("ingest_precomputed", ingest_precomputed, cfg, plan, fan_out=ex.fan_out)
         else:
             embedder, store = ex.stage("prepare_embedder", _prepare_embedder, cfg, plan)
-            ex.log(f"embed: {embedder.name}, dim {embedder.dim}; {len(store.done_shards())} of {len(plan.shards)} shards already done")
+            # only new or changed samples are embedded, into new shards (pipeline.changes)
+            increment, jobs = ex.stage("detect_changes", image_jobs, cfg, plan, store)
+            ex.log(f"embed: {embedder.name}, dim {embedder.dim}; the store holds {len(store.shards())} live shards; "
+                   + ", ".join(f"{k} {v}" for k, v in increment.counts.items()))
             calls = [
                 # a worker process that shares no memory with this one rebuilds the embedder from the config and the store
-                {"cfg": cfg, "source": plan.source, "refs": plan.refs[start:stop], "store_root": store.root, "shard": shard,
-                 "embedder": embedder if ex.shares_memory else None}
-                for shard, (start, stop) in enumerate(plan.shards)
+                {"cfg": cfg, "source": plan.source, "store_root": store.root,
+                 "embedder": embedder if ex.shares_memory else None, **job}
+                for job in jobs
             ]
             status_counts: dict[str, int] = {}
             for counts in ex.fan_out(embed_shard, calls):
                 for status, count in counts.items():
                     status_counts[status] = status_counts.get(status, 0) + count
-            stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0)
-            del calls
+            ex.stage("commit_increment", commit_increment, store, increment)
+            stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0) + len(increment.shards_before)
+            del calls, jobs
         plan.release_refs()  # one object per sample, not needed past embedding: freed before scoring
     stats.counts["store_status"] = store_status_counts(store)
     with stats.timed("index"):
         emb, rows = ex.stage("open_rows", _open_rows, store)
-        kmeans = ex.stage("fit_index", fit_index, cfg, store, emb, fan_out=ex.fan_out)
-        ex.log(f"index: spherical k-means k={kmeans.params.k} on {len(emb)} embeddings (gpu={kmeans.used_gpu})")
     targets: dict[str, Any] = {}
     if needs_targets(cfg):
         with stats.timed("embed_targets"):
             targets = ex.stage("embed_targets", embed_targets, cfg, embedder)
             ex.log(f"targets: { {k[:60]: len(getattr(v, 'emb', v)) for k, v in targets.items()} }")
-    with stats.timed("score"):
-        columns, notes = score(cfg, store, emb, rows, kmeans, targets, fan_out=ex.fan_out, stage=ex.stage)
+    # index + score: k-means and every step (recompute), or the new rows against the previous version (append);
+    # decide times both stages itself
+    kmeans, columns, notes, record = decide(cfg, store, emb, rows, stats, targets, fan_out=ex.fan_out, stage=ex.stage)
+    ex.log(f"index: {record['mode']}, spherical k-means k={kmeans.params.k} on {len(emb)} embeddings")
     with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
         path, counts = ex.stage("write_manifest", write_curate_manifest, cfg, store, rows, kmeans, columns, notes, stats,
-                                fan_out=ex.fan_out)
+                                fan_out=ex.fan_out, incremental=record)
         ex.log(f"manifest: {counts['samples']} rows, {counts['kept']} kept → {path}")
     info = read_run_info(cfg.run_dir)
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)

@@ -10,6 +10,12 @@ Layout (DESIGN.md, "Data model"):
 The embedding rows of a shard are the meta rows whose status is "ok", in meta order.
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written shard
 that looks finished; a rerun skips shards whose marker exists.
+
+Growing stores (format 2). `catalog.json` is the commit point of an incremental run: which shards are live, the
+tombstoned meta rows (`dead/<generation>.npy`, codes shard << 32 | row), the next free shard number and, for
+precomputed sources, which source file each shard came from. New or changed samples go to new shards; removed ones
+are tombstoned, never rewritten in place; `compact` rewrites the shards that hold tombstones. A store without a
+catalog is a fixed one: shards 0..n_shards-1 of store.json, all live.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.atomic import atomic_group, atomic_write_text
+from pipeline.atomic import atomic_group, atomic_path, atomic_write_text
 from pipeline.checked_parquet import read_checked, to_polars, verify_digest, write_checked
 from pipeline.rows import shard_file
 
@@ -39,11 +45,23 @@ META_SCHEMA: dict[str, pl.DataType] = {
     # image-quality statistics measured while decoding for embedding (scorers/quality.py); null where not measured
     **{c: pl.Float32() for c in ("q_blur", "q_brightness", "q_dark_fraction", "q_bright_fraction", "q_contrast",
                                  "q_colourfulness", "q_entropy", "q_bytes_per_pixel")},
+    # the source file's size and mtime when it was read (change detection); null where unknown (v1 stores, tars)
+    "size": pl.Int64(),
+    "mtime_ns": pl.Int64(),
+    "generation": pl.Int64(),  # the catalog generation that added the row (append mode tells new rows by it)
 }
 # Columns a shard written before they existed may lack: read as null.
 _LATE_META = ("q_blur", "q_brightness", "q_dark_fraction", "q_bright_fraction", "q_contrast", "q_colourfulness",
-              "q_entropy", "q_bytes_per_pixel")
-STORE_FORMAT_VERSION = 1
+              "q_entropy", "q_bytes_per_pixel", "size", "mtime_ns", "generation")
+STORE_FORMAT_VERSION = 2
+# Version 1 stores (no size/mtime columns, no catalog) are read as they are and upgraded by the next init.
+_READABLE_VERSIONS = (1, 2)
+CATALOG_FILE = "catalog.json"
+# Keys of the embedder description that are recorded but are not part of its identity: a numpy or torch upgrade
+# does not make the same model give another embedding space.
+_NOT_IDENTITY = ("versions",)
+# Source keys that list what the source holds now (files, shards); they grow with the data and are no identity.
+_SOURCE_LISTS = ("emb_paths", "meta_paths", "urls")
 # Rows copied (and checked for NaN/Inf) at a time by EmbeddingStore.load.
 _LOAD_BLOCK_ROWS = 65_536
 
@@ -59,7 +77,38 @@ class StoreInfo:
     embedder: dict[str, Any]
     source: dict[str, Any]
     shard_size: int
-    n_shards: int
+    n_shards: int  # a fixed store's shards; a store with a catalog records the live shards of the last init
+
+
+def identity_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings (dotted names, old → new) that make `wanted` another embedding space than the store's
+    `existing` store.json: dim, dtype, the embedder's description minus versions, the source minus its file lists."""
+    def strip(info: dict[str, Any]) -> dict[str, Any]:
+        embedder = info.get("embedder")
+        source = info.get("source")
+        return {
+            "dim": info.get("dim"),
+            "dtype": info.get("dtype"),
+            "embedder": {k: v for k, v in embedder.items() if k not in _NOT_IDENTITY} if isinstance(embedder, dict) else embedder,
+            "source": {k: v for k, v in source.items() if k not in _SOURCE_LISTS} if isinstance(source, dict) else source,
+        }
+
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, name: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{name}.{key}" if name else str(key))
+        elif a != b:
+            out.append(f"{name}: {_short(a)} → {_short(b)}")
+
+    walk(strip(existing), strip(wanted), "")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class EmbeddingStore:
@@ -87,23 +136,29 @@ class EmbeddingStore:
 
     # ---- store.json ---------------------------------------------------------------------------
     def init(self, info: StoreInfo) -> None:
-        """Creates the store, or checks that an existing one was made with the same settings.
+        """Creates the store, or checks that an existing one holds the same embedding space.
 
-        Resuming into a store written by another embedder or source would silently mix embeddings,
-        so a mismatch is an error that says which setting differs.
+        Reusing a store written by another embedder (model, weights, preprocessing, pixels settings, dtype) would
+        silently mix embeddings, so a difference is an error naming the settings that differ. The shard count and the
+        source's file lists may change (the data grows); store.json is updated to the new ones.
         """
         for sub in ("emb", "meta", "_done"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         wanted = {"format_version": STORE_FORMAT_VERSION, **info.__dict__}
         if self.info_path.exists():
             existing = self.read_info_dict()
-            differing = [k for k in ("dim", "dtype", "embedder", "source", "shard_size", "n_shards") if existing.get(k) != wanted[k]]
+            differing = identity_differences(existing, wanted)
             if differing:
                 raise StoreError(
-                    f"store {self.root} was written with different settings ({', '.join(differing)}); "
-                    "use a new store directory or delete this one"
+                    f"store {self.root} holds embeddings made with other settings ({'; '.join(differing)}); "
+                    "use a new store_dir or delete this store"
                 )
-            return
+            if existing.get("format_version") == 1 and not self.catalog_path.exists():
+                # a fixed v1 store becomes generation 0 of a growing one: its finished shards, nothing tombstoned
+                self._write_catalog({"generation": 0, "shards": [s for s in self.done_shards() if s < int(existing["n_shards"])],
+                                     "next_shard": int(existing["n_shards"]), "dead_file": None, "origins": {}, "files": {}})
+            if {k: existing.get(k) for k in wanted} == wanted:
+                return
         atomic_write_text(self.info_path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
 
     def read_info_dict(self) -> dict[str, Any]:
@@ -116,9 +171,12 @@ class EmbeddingStore:
         if not isinstance(raw, dict):
             raise StoreError(f"{self.info_path} must hold a JSON object, found {type(raw).__name__}")
         version = raw.get("format_version")
-        if version != STORE_FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > STORE_FORMAT_VERSION
             raise StoreError(
-                f"{self.info_path} has store format version {version!r}; this winnow reads version {STORE_FORMAT_VERSION}"
+                f"{self.info_path} has store format version {version!r}; this winnow reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))} "
+                + ("(written by a newer winnow: upgrade winnow to read it)" if newer else "(delete the store and embed again)")
             )
         return raw
 
@@ -133,9 +191,110 @@ class EmbeddingStore:
             raise StoreError(f"{self.info_path} is damaged: {'; '.join(problems)}")
         return info
 
+    # ---- catalog (growing stores) -------------------------------------------------------------
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / CATALOG_FILE
+
+    def catalog(self) -> dict[str, Any] | None:
+        """The committed catalog, or None for a fixed store (no catalog.json)."""
+        if not self.catalog_path.exists():
+            return None
+        try:
+            raw = json.loads(self.catalog_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.catalog_path} is damaged: {exc}") from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+            raise StoreError(f"{self.catalog_path} is damaged: no shard list")
+        return raw
+
+    def _write_catalog(self, catalog: dict[str, Any]) -> None:
+        atomic_write_text(self.catalog_path, json.dumps(catalog, indent=1, sort_keys=True))
+
+    def shards(self) -> list[int]:
+        """The live shards, in order: the catalog's, or a fixed store's finished shards."""
+        catalog = self.catalog()
+        if catalog is None:
+            return self.done_shards()
+        return [int(s) for s in catalog["shards"]]
+
+    def dead_codes(self) -> np.ndarray:
+        """Every tombstoned meta row as shard << 32 | row (sorted int64); empty for a fixed store."""
+        catalog = self.catalog()
+        if catalog is None or not catalog.get("dead_file"):
+            return np.empty(0, np.int64)
+        path = self.root / catalog["dead_file"]
+        try:
+            codes = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read the tombstones {path}: {exc}") from exc
+        return np.asarray(codes, dtype=np.int64)
+
+    def changes_since(self, generation: int) -> dict[str, int]:
+        """Rows new, changed and removed by the generations after `generation` (from the catalog's history), and the
+        live rows unchanged since."""
+        catalog = self.catalog() or {}
+        out = {"new": 0, "changed": 0, "removed": 0}
+        for entry in catalog.get("history", []):
+            if int(entry.get("generation", 0)) > generation:
+                for key in out:
+                    out[key] += int(entry.get(key, 0))
+        return out
+
+    def generation(self) -> int:
+        """The committed generation (0 for a fixed store or before the first commit)."""
+        catalog = self.catalog()
+        return 0 if catalog is None else int(catalog.get("generation", 0))
+
+    def alive_ok_rows(self, shard: int, dead: np.ndarray) -> np.ndarray | None:
+        """Indices into the shard's embeddings of its ok rows that are not tombstoned; None when none is tombstoned
+        (the shard's meta is read only when it holds tombstones)."""
+        lo, hi = np.searchsorted(dead, [shard << 32, (shard + 1) << 32])
+        if hi == lo:
+            return None
+        return self.live_meta(shard, dead=dead).filter(pl.col("status") == "ok")["emb_row"].to_numpy()
+
+    def alive_mask(self, shard: int, n_rows: int, dead: np.ndarray | None = None) -> np.ndarray:
+        """n_rows bools: the shard's meta rows that are not tombstoned (`dead`: dead_codes(), read once by callers)."""
+        dead = self.dead_codes() if dead is None else dead
+        mask = np.ones(n_rows, dtype=bool)
+        lo, hi = np.searchsorted(dead, [shard << 32, (shard + 1) << 32])
+        if hi > lo:
+            mask[dead[lo:hi] - (shard << 32)] = False
+        return mask
+
+    def commit(self, *, shards: list[int], dead: np.ndarray, next_shard: int, origins: dict[str, str] | None = None,
+               files: dict[str, Any] | None = None, changes: dict[str, int] | None = None) -> int:
+        """Publishes a new generation: the tombstones first (a new file), then catalog.json atomically. A crash
+        before the catalog's rename leaves the previous generation in force. `changes` (rows new, changed, removed,
+        unchanged) joins the catalog's history, so a run that resumes after the commit still reports them.
+        Returns the new generation number."""
+        old = self.catalog() or {"generation": 0}
+        generation = int(old.get("generation", 0)) + 1
+        dead = np.unique(np.asarray(dead, dtype=np.int64))
+        dead_file = None
+        if len(dead):
+            dead_file = f"dead/{generation:05d}.npy"
+            with atomic_path(self.root / dead_file) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, dead)
+        history = list(old.get("history", []))
+        if changes is not None:
+            history.append({"generation": generation, **changes})
+        self._write_catalog({"generation": generation, "shards": [int(s) for s in shards], "next_shard": int(next_shard),
+                             "dead_file": dead_file, "origins": origins or {}, "files": files or {}, "history": history})
+        for stale in (self.root / "dead").glob("*.npy") if (self.root / "dead").is_dir() else []:
+            if dead_file is None or stale.name != Path(dead_file).name:
+                stale.unlink(missing_ok=True)  # earlier generations' tombstones (readers hold what they loaded)
+        return generation
+
     # ---- shards -------------------------------------------------------------------------------
-    def is_done(self, shard: int) -> bool:
-        return self.done_path(shard).exists()
+    def is_done(self, shard: int, tag: str | None = None) -> bool:
+        """Whether the shard is finished (and, given `tag`, was written for that plan: a rerun after a crash reuses
+        only the shards of the same plan)."""
+        if not self.done_path(shard).exists():
+            return False
+        return tag is None or self.read_marker(shard).get("tag") == tag
 
     def done_shards(self) -> list[int]:
         done_dir = self.root / "_done"
@@ -144,10 +303,12 @@ class EmbeddingStore:
         return sorted(int(p.name) for p in done_dir.iterdir() if p.name.isdigit())
 
     def write_shard(self, shard: int, embeddings: np.ndarray, meta: Sequence[dict[str, Any]] | pl.DataFrame, *,
-                    text_embeddings: np.ndarray | None = None) -> None:
-        """Writes one shard atomically: data files first (temp name + rename), the marker last. `text_embeddings`: the
-        ok rows' caption embeddings (same shape as `embeddings`; all-zero rows = no caption), kept in text_emb/."""
-        frame = meta if isinstance(meta, pl.DataFrame) else pl.DataFrame(list(meta), schema=META_SCHEMA, orient="row")
+                    text_embeddings: np.ndarray | None = None, tag: str | None = None) -> None:
+        """Writes one shard atomically: data files first (temp name + rename), the marker (with `tag`) last.
+        `text_embeddings`: the ok rows' caption embeddings (same shape as `embeddings`; all-zero rows = no caption),
+        kept in text_emb/."""
+        frame = meta if isinstance(meta, pl.DataFrame) else pl.DataFrame(
+            [{c: row.get(c) for c in META_SCHEMA} for row in meta], schema=META_SCHEMA, orient="row")
         frame = frame.select([(pl.col(c) if c in frame.columns else pl.lit(None)).cast(t).alias(c) for c, t in META_SCHEMA.items()])
         info = self.info()
         n_ok = int((frame["status"] == "ok").sum())
@@ -169,7 +330,10 @@ class EmbeddingStore:
             if text_embeddings is not None:
                 with open(tmps[2], "wb") as fh:
                     np.save(fh, np.ascontiguousarray(text_embeddings, dtype=info.dtype))
-        atomic_write_text(self.done_path(shard), json.dumps({"rows": frame.height, "ok": n_ok}))
+        marker: dict[str, Any] = {"rows": frame.height, "ok": n_ok}
+        if tag is not None:
+            marker["tag"] = tag
+        atomic_write_text(self.done_path(shard), json.dumps(marker))
 
     def read_meta(self, shard: int) -> pl.DataFrame:
         """One shard's meta rows, checked: readable, every column of META_SCHEMA with its type, content checksum."""
@@ -236,15 +400,35 @@ class EmbeddingStore:
             )
 
     def iter_shards(self, *, mmap: bool = True) -> Iterator[tuple[int, np.ndarray, pl.DataFrame]]:
-        """Yields (shard, embeddings of the ok rows, full meta) for every finished shard, in shard order."""
+        """Yields (shard, embeddings of the ok rows, full meta) for every live shard, in shard order. Tombstoned rows
+        are included: see alive_mask, or live_meta for the rows that count."""
         info = self.info()
-        for shard in self.done_shards():
+        for shard in self.shards():
             meta = self.read_meta(shard)
             emb = self.read_embeddings(shard, mmap=mmap)
             self.check_shard(shard, emb, meta, info)
             yield shard, emb, meta
 
+    def live_meta(self, shard: int, meta: pl.DataFrame | None = None, dead: np.ndarray | None = None) -> pl.DataFrame:
+        """The shard's meta rows that are not tombstoned, with `emb_row` (the row's index in the shard's embeddings,
+        null where status is not ok) and `meta_row` (its index in the shard's meta)."""
+        meta = self.read_meta(shard) if meta is None else meta
+        ok = (meta["status"] == "ok").to_numpy()
+        emb_row = np.where(ok, np.cumsum(ok) - 1, -1)
+        frame = meta.with_columns(
+            pl.Series("emb_row", emb_row, dtype=pl.Int64).replace(-1, None),
+            pl.Series("meta_row", np.arange(meta.height), dtype=pl.Int64),
+        )
+        alive = self.alive_mask(shard, meta.height, dead)
+        return frame if alive.all() else frame.filter(pl.Series(alive))
+
     def check_complete(self) -> None:
+        catalog = self.catalog()
+        if catalog is not None:
+            missing = [s for s in catalog["shards"] if not self.is_done(int(s))]
+            if missing:
+                raise StoreError(f"store {self.root} is damaged: live shards {missing[:10]} have no completion marker")
+            return
         expected = set(range(self.info().n_shards))
         done = set(self.done_shards())
         missing = sorted(expected - done)
@@ -271,10 +455,12 @@ class EmbeddingStore:
         shards: list[int] = []
         parts: list[np.ndarray | None] = []
         metas: list[pl.DataFrame] = []
+        dead = self.dead_codes()
         for shard, emb, meta in self.iter_shards():  # memmaps: only the .npy headers are read here
+            live = self.live_meta(shard, meta, dead).filter(pl.col("status") == "ok")
             shards.append(shard)
-            parts.append(emb)
-            metas.append(meta.filter(pl.col("status") == "ok"))
+            parts.append(emb if live.height == len(emb) else emb[live["emb_row"].to_numpy()])
+            metas.append(live.select(list(META_SCHEMA)))
         emb_all = np.empty((sum(len(p) for p in parts), info.dim), dtype=out_dtype)
         start = 0
         for i, shard in enumerate(shards):
@@ -292,9 +478,9 @@ class EmbeddingStore:
         return emb_all, meta_all
 
     def load_text(self) -> np.ndarray | None:
-        """The caption embeddings of all ok rows (float32, load()'s row order), or None when the store holds none.
-        A store with them for some shards only is a StoreError."""
-        shards = self.done_shards()
+        """The caption embeddings of all ok rows (float32, load()'s rows and order: live shards, tombstoned rows left
+        out), or None when the store holds none. A store with them for some live shards only is a StoreError."""
+        shards = self.shards()
         have = [self.text_path(shard).exists() for shard in shards]
         if not any(have):
             return None
@@ -302,27 +488,37 @@ class EmbeddingStore:
             missing = [shard for shard, h in zip(shards, have) if not h]
             raise StoreError(f"store {self.root} has text embeddings for some shards only (none for {missing[:10]})")
         info = self.info()
+        dead = self.dead_codes()
         parts = []
         for shard in shards:
-            path = self.text_path(shard)
-            try:
-                text = np.load(path, allow_pickle=False)
-            except Exception as exc:  # a damaged file: name it
-                raise StoreError(f"cannot read {path} (damaged or truncated?): {type(exc).__name__}: {exc}") from exc
+            text = self.read_text_embeddings(shard)
             n_ok = int(self.read_marker(shard).get("ok", len(text)))
-            if not isinstance(text, np.ndarray) or text.shape != (n_ok, info.dim):
-                raise StoreError(f"{path} does not match the shard's {n_ok} ok rows of dim {info.dim}")
-            parts.append(text.astype(np.float32))
+            if text.shape != (n_ok, info.dim):
+                raise StoreError(f"{self.text_path(shard)} does not match the shard's {n_ok} ok rows of dim {info.dim}")
+            live = self.live_meta(shard, dead=dead).filter(pl.col("status") == "ok")
+            parts.append(text if live.height == n_ok else text[live["emb_row"].to_numpy()])
         return np.concatenate(parts)
 
+    def read_text_embeddings(self, shard: int) -> np.ndarray:
+        """One shard's caption embeddings (float32, one row per ok row)."""
+        path = self.text_path(shard)
+        try:
+            text = np.load(path, allow_pickle=False)
+        except Exception as exc:  # a damaged file: name it
+            raise StoreError(f"cannot read {path} (damaged or truncated?): {type(exc).__name__}: {exc}") from exc
+        if not isinstance(text, np.ndarray) or text.ndim != 2:
+            raise StoreError(f"{path} is not a 2-d array of caption embeddings")
+        return text.astype(np.float32)
+
     def all_meta(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
-        """Meta rows of every finished shard, bad rows included (status != 'ok').
+        """Meta rows of every live shard that are not tombstoned, bad rows included (status != 'ok').
 
         `where` and `columns` apply shard by shard, so only what they keep is ever held for the whole store.
         """
         metas = []
-        for shard in self.done_shards():
-            meta = self.read_meta(shard)
+        dead = self.dead_codes()
+        for shard in self.shards():
+            meta = self.live_meta(shard, dead=dead).select(list(META_SCHEMA))
             meta = meta if where is None else meta.filter(where)
             metas.append(meta if columns is None else meta.select(columns))
         if metas:
@@ -331,11 +527,74 @@ class EmbeddingStore:
         return empty if columns is None else empty.select(columns)
 
     def fingerprint(self) -> str:
-        """A hash of store.json and every shard's metadata, to tie a manifest to the exact input."""
+        """A hash of store.json, the catalog and every live shard's metadata, to tie a manifest to the exact input."""
         digest = hashlib.sha256(self.info_path.read_bytes())
-        for shard in self.done_shards():
+        if self.catalog_path.exists():
+            digest.update(self.catalog_path.read_bytes())
+        for shard in self.shards():
             digest.update(self.meta_path(shard).read_bytes())
         return digest.hexdigest()[:16]
+
+
+    def compact(self) -> dict[str, int]:
+        """Rewrites every live shard that holds tombstones as a new shard without them, commits a generation with
+        no tombstones, then deletes the files of shards no generation uses any more (and the index caches).
+
+        Atomic: until the catalog is replaced, readers see the old generation. Resumable: the new shards' numbers
+        and tags follow from the committed catalog, so a rerun after a kill reuses the shards already rewritten.
+        Returns counts (shards rewritten, rows dropped, files deleted).
+        """
+        catalog = self.catalog()
+        if catalog is None:
+            return {"shards_rewritten": 0, "rows_removed": 0, "files_deleted": 0}
+        live = [int(s) for s in catalog["shards"]]
+        dead = self.dead_codes()
+        affected = sorted(set((dead >> 32).tolist()) & set(live))
+        next_shard = int(catalog["next_shard"])
+        mapping: dict[int, int | None] = {}
+        for i, shard in enumerate(affected):
+            new = next_shard + i
+            tag = f"compact:{catalog['generation']}:{shard}"
+            meta = self.read_meta(shard)
+            kept = self.live_meta(shard, meta, dead)
+            if kept.height == 0:
+                mapping[shard] = None
+                continue
+            if not self.is_done(new, tag):  # the rows keep their `generation`: compaction adds no row
+                ok_rows = kept.filter(pl.col("status") == "ok")["emb_row"].to_numpy()
+                emb = np.asarray(self.read_embeddings(shard)[ok_rows])
+                text = self.read_text_embeddings(shard)[ok_rows] if self.text_path(shard).exists() else None
+                self.write_shard(new, emb, kept.select(list(META_SCHEMA)), text_embeddings=text, tag=tag)
+            mapping[shard] = new
+        removed = len(dead)
+        if affected:
+            origins = {str(mapping.get(int(k), int(k))): v for k, v in catalog.get("origins", {}).items()
+                       if mapping.get(int(k), int(k)) is not None}
+            self.commit(shards=[m for s in live if (m := mapping.get(s, s)) is not None], dead=np.empty(0, np.int64),
+                        next_shard=next_shard + len(affected), origins=origins, files=catalog.get("files", {}))
+        deleted = self.delete_unused_shards()
+        return {"shards_rewritten": len(affected), "rows_removed": removed, "files_deleted": deleted}
+
+    def delete_unused_shards(self) -> int:
+        """Deletes the files of shards below the catalog's next_shard that are not live (replaced by compaction),
+        and the index caches keyed by earlier fingerprints. Shards at or above next_shard may belong to an increment
+        in flight and are left alone. Returns the files deleted."""
+        import shutil
+
+        catalog = self.catalog()
+        if catalog is None:
+            return 0
+        live, next_shard, deleted = set(int(s) for s in catalog["shards"]), int(catalog["next_shard"]), 0
+        for shard in range(next_shard):
+            if shard in live:
+                continue
+            for path in (self.done_path(shard), self.emb_path(shard), self.meta_path(shard), self.text_path(shard)):  # marker first
+                if path.exists():
+                    path.unlink()
+                    deleted += 1
+        if (self.root / "index").is_dir():
+            shutil.rmtree(self.root / "index", ignore_errors=True)
+        return deleted
 
 
 class _CannotRead(StoreError):

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_command_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "deploy", "demo", "report", "validate", "summary", "distill", "evaluate"}
+    assert set(sub.choices) == {"run", "deploy", "demo", "report", "validate", "summary", "diff", "store", "distill", "evaluate"}
     for name, command in sub.choices.items():
         assert command.format_help().strip(), name
         assert sub._choices_actions and any(a.dest == name and a.help for a in sub._choices_actions)

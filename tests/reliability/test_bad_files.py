@@ -307,8 +307,8 @@ def test_store_json_wrong_version_or_damaged(tmp_path):
     store = make_store(tmp_path / "s")
     good = json.loads(store.info_path.read_text())
     cases = [
-        ({**good, "format_version": 2}, "store format version 2; this winnow reads version 1"),
-        ({k: v for k, v in good.items() if k != "format_version"}, "store format version None"),
+        ({**good, "format_version": 3}, r"store format version 3; this winnow reads versions 1, 2 \(written by a newer winnow"),
+        ({k: v for k, v in good.items() if k != "format_version"}, r"store format version None; .* \(delete the store"),
         ({**good, "dim": "8"}, "dim '8' is not a positive integer"),
         ({**good, "dtype": "int8"}, "dtype 'int8' is not float16 or float32"),
         ({**good, "n_shards": -1}, "n_shards -1"),
