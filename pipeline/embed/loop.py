@@ -223,7 +223,9 @@ def _worker_context(*shipped: Any) -> multiprocessing.context.BaseContext:
     when the server starts, i.e. at the first call in a process.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "torch", "PIL.Image", "pipeline.embed", *_modules_of(*shipped)])
+    # worker_group first: it moves the server, and so every worker, out of the terminal's process group (see there)
+    ctx.set_forkserver_preload(["pipeline.embed.worker_group", "__main__", "torch", "PIL.Image", "pipeline.embed",
+                                *_modules_of(*shipped)])
     return ctx
 
 

@@ -462,3 +462,15 @@ def test_embed_refs_rejects_bad_knobs(tiny_clip: ClipEmbedder, mixed_folder: Pat
         embed_refs(source, source.refs(), tiny_clip, batch_size=0)
     with pytest.raises(ValueError, match="num_workers"):
         embed_refs(source, source.refs(), tiny_clip, num_workers=-1)
+
+
+
+def test_embed_workers_run_outside_this_process_group():
+    """A terminal's Ctrl-C reaches every process of its foreground group: the decode workers must not die of it (their
+    shard's task would fail before the run knows it is being stopped), so they come from a forkserver that moved to a
+    process group of its own."""
+    from pipeline.embed.loop import _worker_context
+
+    ctx = _worker_context()
+    with ctx.Pool(1) as pool:
+        assert pool.apply(os.getpgrp) != os.getpgrp()
