@@ -1,9 +1,9 @@
 """How a `winnow run` behaves at the terminal: a quieter console (stage progress on one redrawn line), a clean Ctrl-C.
 
 Prefect logs a "Finished in state Completed()" line for every task (one per shard, cluster batch and manifest part);
-`setup_console` hides those on the console (they still reach the Prefect API / UI; `-v` keeps them) and starts Prefect's temporary server in a session of
-its own: a terminal's Ctrl-C (SIGINT to the whole foreground process group) then reaches winnow but not the server, so
-the flow run can still be recorded as stopped before the server is shut down.
+`setup_console` hides those on the console (they still reach the Prefect API / UI; `-v` keeps them) and starts
+Prefect's temporary server in a session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
+then reaches winnow but not the server, so the flow run can still be recorded as stopped before the server is shut down.
 """
 from __future__ import annotations
 

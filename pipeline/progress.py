@@ -5,7 +5,7 @@ A fan-out stage (embedding shards, k-means assignment shards, SemDeDup cluster b
 reported less than its size is topped up when it returns (a shard already done, or work in a worker process, where
 there is no display). The display is one line redrawn on a terminal (stderr), and a line through `log` every
 `log_interval_s` seconds and at the end, so the run's logs show it too (inside a Prefect flow run, flows/ installs a
-sink that writes the flow run's log and a progress artifact per stage)
+sink that writes the flow run's log and a progress artifact per stage).
 """
 from __future__ import annotations
 
