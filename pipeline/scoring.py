@@ -39,9 +39,11 @@ def score(
         frame = store.all_meta(pl.col("status") == "ok", names)  # shard order = the rows' order (open_rows)
         return {c: frame[c].to_numpy() for c in names}
 
+    embedder = store.info().embedder
+
     def text_encoder(texts: list[str], *, batch_size: int = 256) -> np.ndarray:
         # the store's embedder is rebuilt only on a cache miss; the text cache sits beside the store
-        return cached_text_embeddings(store.root / "text", store.info().embedder, texts,
+        return cached_text_embeddings(store.root / "text", embedder, texts,
                                       lambda: worker_embedder(cfg, store.root), batch_size=batch_size)
 
     steps = [(s.scorer, s.knobs()) for s in cfg.steps]
@@ -64,9 +66,9 @@ def score(
         targets={k: v for k, v in targets.items() if not isinstance(v, EvalSet)},
         eval_sets={k.removeprefix("eval:"): v for k, v in targets.items() if isinstance(v, EvalSet)},
         meta=meta,
-        text_encoder=text_encoder if store.info().embedder.get("kind") == "clip" else None,  # pixels/precomputed: no text tower
+        text_encoder=text_encoder if embedder.get("kind") == "clip" else None,  # pixels/precomputed: no text tower
         source_text=store.load_text,
-        embedder=store.info().embedder,
+        embedder=embedder,
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
         cache_dir=store.root / "index" / f"auto-{store.fingerprint()}",
