@@ -28,6 +28,8 @@ import polars as pl
 
 CENTROIDS_FILE = "centroids.npy"
 _NOT_SCORED = ("missing", "bad_input")
+# Old rows are read for cross-run SemDeDup in blocks of about this many bytes (as float32).
+_READ_BYTES = 64 << 20
 
 
 @dataclass
@@ -193,37 +195,32 @@ def _first_with_same_sha1(sha1: pl.Series, is_new: np.ndarray, uid_rank: np.ndar
 
 
 def _semdedup_new(emb: Any, cluster: np.ndarray, is_new: np.ndarray, new_idx: np.ndarray, alive_new: np.ndarray,
-                  sim_new: np.ndarray, uid_rank: np.ndarray, centroids: np.ndarray, eps: float,
-                  block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cross-run SemDeDup of the alive new rows, cluster by cluster. Returns (dropped, original row, max sim), each
-    over the new rows."""
+                  sim_new: np.ndarray, uid_rank: np.ndarray, centroids: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cross-run SemDeDup of the alive new rows against the old rows of the clusters they land in. Returns (dropped,
+    original row, max sim), each over the new rows. The old rows are read in store order, block by block (long
+    sequential reads, not one read per row), and only those of clusters holding alive new rows."""
     from scorers.cross_dedup import cross_semdedup
 
     m = len(new_idx)
     hit = np.zeros(m, dtype=bool)
     originals = np.full(m, -1, dtype=np.int64)
     max_sim = np.full(m, -np.inf, dtype=np.float32)
-    old_rows = np.flatnonzero(~is_new)
-    old_order = np.argsort(cluster[old_rows], kind="stable")
-    old_sorted = old_rows[old_order]
-    old_clusters = cluster[old_sorted]
-    new_clusters = cluster[new_idx]
-    for c in np.unique(new_clusters[alive_new]):
-        members = np.flatnonzero((new_clusters == c) & alive_new)
-        # keep-hard rank: farther from the centroid first, ties by uid
-        members = members[np.lexsort((uid_rank[new_idx[members]], sim_new[members]))]
-        lo, hi = np.searchsorted(old_clusters, [c, c + 1])
-        olds = old_sorted[lo:hi]
-        blocks = (np.asarray(emb[olds[s:s + block]]) for s in range(0, len(olds), block))
-        x = np.asarray(emb[new_idx[members]])
-        is_dup, arg, best = cross_semdedup(x, blocks, eps=eps, block=block)
-        max_sim[members] = best
-        hit[members] = is_dup
-        orig = np.full(len(members), -1, dtype=np.int64)
-        from_old, from_new = arg >= 0, arg <= -2
-        orig[from_old] = olds[arg[from_old]]
-        orig[from_new] = new_idx[members[-2 - arg[from_new]]]
-        originals[members] = orig
+    members = np.flatnonzero(alive_new)
+    # keep-hard rank inside each cluster: farther from the centroid first, ties by uid
+    members = members[np.lexsort((uid_rank[new_idx[members]], sim_new[members]))]
+    touched = np.unique(cluster[new_idx[members]])
+    olds = np.flatnonzero(~is_new)
+    olds = olds[np.isin(cluster[olds], touched)]
+    step = max(1024, _READ_BYTES // (4 * max(1, int(centroids.shape[1]))))
+    blocks = ((np.asarray(emb[olds[s:s + step]]), cluster[olds[s:s + step]]) for s in range(0, len(olds), step))
+    is_dup, arg, best = cross_semdedup(np.asarray(emb[new_idx[members]]), cluster[new_idx[members]], blocks, eps=eps)
+    max_sim[members] = best
+    hit[members] = is_dup
+    orig = np.full(len(members), -1, dtype=np.int64)
+    from_old, from_new = arg >= 0, arg <= -2
+    orig[from_old] = olds[arg[from_old]]
+    orig[from_new] = new_idx[members[-2 - arg[from_new]]]
+    originals[members] = orig
     return hit, originals, max_sim
 
 

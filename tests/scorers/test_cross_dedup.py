@@ -15,7 +15,8 @@ def test_matches_brute_force_over_blocks():
     new[5] = new[4] + 1e-4  # a duplicate of an earlier new row
     new /= np.linalg.norm(new, axis=1, keepdims=True)
     eps = 0.01
-    is_dup, dup_of, best = cross_semdedup(new, [old[:17], old[17:]], eps=eps, block=3)
+    zeros = lambda n: np.zeros(n, dtype=np.int32)  # noqa: E731 - one cluster
+    is_dup, dup_of, best = cross_semdedup(new, zeros(len(new)), [(old[:17], zeros(17)), (old[17:], zeros(33))], eps=eps, block=3)
     everything = np.concatenate([old, new])
     for j in range(len(new)):
         sims = everything[: 50 + j] @ new[j]
@@ -28,7 +29,39 @@ def test_matches_brute_force_over_blocks():
     assert is_dup.sum() == 3
 
 
+def test_clusters_interleaved_in_blocks_match_brute_force_per_cluster():
+    """Old rows of 3 clusters arrive interleaved over uneven blocks; each new row is compared only with its own
+    cluster's old rows and the new rows of its cluster ranked before it (ties go to the first old row)."""
+    rng = np.random.default_rng(2)
+    old = _unit(rng, 90)
+    old_cl = rng.integers(0, 4, size=90)  # cluster 3 has no new rows: never compared
+    old[40] = old[10]  # a tie: the first one in stream order is named
+    picks = [10, 11, 25, 60, 61]
+    new = np.concatenate([old[picks] + 2e-4 * rng.normal(size=(5, 8)).astype(np.float32), _unit(rng, 30)])
+    new[20] = new[12] + 1e-4
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    new_cl = np.concatenate([old_cl[picks], rng.integers(0, 3, size=30)])
+    new_cl[20] = new_cl[12]
+    eps = 0.01
+    cuts = [0, 7, 8, 50, 90]
+    blocks = [(old[a:b], old_cl[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    is_dup, dup_of, best = cross_semdedup(new, new_cl, blocks, eps=eps, block=4)
+    for j in range(len(new)):
+        same_old = np.flatnonzero(old_cl == new_cl[j])
+        earlier_new = [i for i in range(j) if new_cl[i] == new_cl[j]]
+        cand = [(float(old[i] @ new[j]), i) for i in same_old] + [(float(new[i] @ new[j]), -2 - i) for i in earlier_new]
+        if not cand:
+            assert best[j] == -np.inf and dup_of[j] == -1
+            continue
+        top = max(v for v, _ in cand)
+        assert np.isclose(best[j], top, atol=1e-6)
+        assert is_dup[j] == (top > 1 - eps)
+        if is_dup[j]:
+            assert dup_of[j] == next(i for v, i in cand if v >= best[j] - 1e-6)
+    assert dup_of[0] == 10 and is_dup[:5].all() and dup_of[20] == -2 - 12
+
+
 def test_first_new_row_without_old_rows_has_no_earlier():
     rng = np.random.default_rng(1)
-    is_dup, dup_of, best = cross_semdedup(_unit(rng, 2), [], eps=0.5)
+    is_dup, dup_of, best = cross_semdedup(_unit(rng, 2), np.zeros(2, dtype=np.int32), [], eps=0.5)
     assert best[0] == -np.inf and dup_of[0] == -1 and not is_dup[0]
