@@ -120,7 +120,7 @@ def preflight(cfg: Any) -> None:
     check_step_fractions(cfg)
     source = source_from_config(cfg.source.arguments())  # a missing root, table or shard pattern fails here, in one line
     if isinstance(source, PrecomputedSource) and source.text_emb_paths:
-        source.text_embeddings(0)  # caption embeddings of another CLIP width: refused before any server starts
+        source.check_text_embeddings(0)  # caption embeddings of another CLIP width: refused before any server starts
     for position, step in enumerate(cfg.steps):
         target = step.knobs().get("target")
         if isinstance(target, dict):

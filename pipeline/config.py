@@ -407,12 +407,32 @@ def check_targets(cfg: CurateConfig) -> dict[str, int]:
 
 
 def check_before_embedding(cfg: CurateConfig, plan: Any) -> dict[str, int]:
-    """check_plan_size and check_targets for an ingest plan (ingest.IngestPlan: `.n_samples`, `.has_labels`).
+    """check_plan_size, check_source_text and check_targets for an ingest plan (ingest.IngestPlan: `.n_samples`, `.has_labels`).
 
     Returns check_targets' counts.
     """
     check_plan_size(cfg, plan.n_samples, has_labels=plan.has_labels)
+    check_source_text(cfg)  # a table's text_embedding_column of another dimension than the CLIP model's
     return check_targets(cfg)
+
+
+def check_source_text(cfg: CurateConfig) -> int | None:
+    """Before any embedding: a table source's ``text_embedding_column`` is read, and its dimension must equal the
+    run's CLIP image embeddings (when the model config tells it). Returns the text dimension, None without the column.
+    (A precomputed source's text files are checked against its image files when it is listed.)"""
+    from pipeline.sources import SourceError, TableSource, source_from_config
+    from pipeline.text_source import clip_embed_dim
+
+    if cfg.source.kind != "table" or cfg.source.arguments().get("text_embedding_column") is None:
+        return None
+    source = source_from_config(cfg.source.arguments())
+    assert isinstance(source, TableSource)
+    _, emb = source.text_embedding_table()
+    dim = clip_embed_dim(cfg.embed)
+    if dim is not None and emb.shape[1] != dim:
+        raise SourceError(f"table {source.path!r} column {source.text_embedding_column!r} holds text embeddings of dim "
+                          f"{emb.shape[1]}, the image embeddings ({cfg.embed.model}) dim {dim}: clip_score needs both from one CLIP model")
+    return int(emb.shape[1])
 
 
 # ---- checks that need only the config (run before anything heavy is imported) -------------------------------------

@@ -18,6 +18,7 @@ from pipeline.fanout import FanOut, serial_fan_out
 from pipeline.ingest import IngestPlan, plan_ingest
 from pipeline.changes import Increment, fingerprint_hex, plan_image_increment, plan_precomputed_increment, row_fingerprints
 from pipeline.store import META_SCHEMA, EmbeddingStore, StoreError, StoreInfo
+from pipeline.text_source import unit_rows
 from scorers.step import EvalSet, target_key
 
 EMBEDDER_STATE_FILE = "embedder_state.npz"
@@ -206,14 +207,11 @@ def ingest_precomputed_shard(source: Any, store_root: str | Path, shard: int, fi
         good = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
         ok[s:s + len(x)] = good
         unit[s:s + len(x)] = np.where(good[:, None], x / np.where(good[:, None], norms, 1.0), 0.0)
-    text = source.text_embeddings(shard)
+    text = source.text_embeddings(file)  # one row per file row (DataComp .npz: matched by uid)
     if text is not None:  # caption embeddings: unit rows; a zero or non-finite row means "no caption" (stored as 0)
-        text_unit = np.zeros(emb.shape, dtype=store.info().dtype)
+        text_unit = np.zeros((n, emb.shape[1]), dtype=store.info().dtype)
         for s in range(0, n, 65_536):
-            t = np.asarray(text[s:s + 65_536], dtype=np.float32)
-            norms = np.linalg.norm(t, axis=1, keepdims=True)
-            good = np.isfinite(t).all(axis=1) & np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
-            text_unit[s:s + len(t)] = np.where(good[:, None], t / np.where(good[:, None], norms, 1.0), 0.0)
+            text_unit[s:s + 65_536] = unit_rows(text[rows[s:s + 65_536]])
         text = text_unit[ok]
     if not ok.all():
         unit = unit[ok]

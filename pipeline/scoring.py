@@ -14,6 +14,8 @@ from pipeline.faults import failpoint
 from pipeline.fill_store import worker_embedder
 from pipeline.ok_rows import OkRows
 from pipeline.text_embed import cached_text_embeddings
+from pipeline.sources import TableSource, source_from_config
+from pipeline.text_source import align_by_uid, unit_rows
 from pipeline.index import KMeansResult, KnnParams, build_knn_index
 from pipeline.store import EmbeddingStore
 from scorers.step import EvalSet, ScoringContext, needing, registry, validate_steps
@@ -67,7 +69,7 @@ def score(
         eval_sets={k.removeprefix("eval:"): v for k, v in targets.items() if isinstance(v, EvalSet)},
         meta=meta,
         text_encoder=text_encoder if embedder.get("kind") == "clip" else None,  # pixels/precomputed: no text tower
-        source_text=store.load_text,
+        source_text=lambda: shipped_text(cfg, store),
         embedder=embedder,
         fan_out=fan_out,
         cluster_batches=cfg.runner.cluster_batches or 4 * cfg.runner.workers,
@@ -76,6 +78,20 @@ def score(
         knn_index=lambda x, seed: build_knn_index(x, KnnParams(seed=seed)),  # exact below 200k rows, IVF above
     )
     return run_steps(ctx, steps, stage=stage)
+
+
+def shipped_text(cfg: CurateConfig, store: EmbeddingStore) -> np.ndarray | None:
+    """The caption embeddings the source ships, one unit row per ok row (zero = no caption), or None: a precomputed
+    source's (copied into the store when it was filled), else a table's text_embedding_column matched by uid."""
+    text = store.load_text()
+    if text is not None or cfg.source.kind != "table":
+        return text
+    source = source_from_config(cfg.source.arguments())
+    if not isinstance(source, TableSource) or source.text_embedding_column is None:
+        return None
+    uids, emb = source.text_embedding_table()
+    ok_uids = store.all_meta(pl.col("status") == "ok", ["uid"])["uid"].to_list()
+    return unit_rows(align_by_uid(ok_uids, uids, emb, what=f"table {source.path!r} column {source.text_embedding_column!r}"))
 
 
 # Runs fn(*args, **kwargs) as a named stage (pipeline.sequence's Executor.stage): a Prefect task in the flow.

@@ -642,9 +642,11 @@ class TableSource(Source):
         root: str | os.PathLike[str] | None = None,
         follow_symlinks: bool = False,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        text_embedding_column: str | None = None,
     ) -> None:
         super().__init__()
         self.path = os.path.abspath(os.fspath(path))
+        self.text_embedding_column = text_embedding_column
         if not os.path.isfile(self.path):
             raise SourceError(f"table {self.path!r} not found (or not a regular file)")
         self.follow_symlinks = bool(follow_symlinks)
@@ -710,6 +712,35 @@ class TableSource(Source):
             "max_file_bytes": self.max_file_bytes,
         }
 
+    def text_embedding_table(self) -> tuple[list[str], np.ndarray]:
+        """The rows' uids and their caption embeddings from ``text_embedding_column`` (a Parquet column of float lists,
+        one length throughout; a null list = no caption, a zero row). SourceError in one line when it does not fit."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = self.text_embedding_column
+        if column is None:
+            raise SourceError(f"table {self.path!r} has no text_embedding_column")
+        if not self.path.lower().endswith((".parquet", ".pq")):
+            raise SourceError(f"text_embedding_column needs a Parquet table (a column of float lists), got {self.path!r}")
+        uid_column = self.uid_column or self.path_column
+        table = _read_table(self.path, list(dict.fromkeys([uid_column, column])))
+        uids = _column_as_str(table, uid_column, self.path, allow_null=False)
+        values = table.column(column).combine_chunks()
+        if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type)) \
+                or not (pa.types.is_floating(values.type.value_type) or pa.types.is_integer(values.type.value_type)):
+            raise SourceError(f"table {self.path!r} column {column!r} is {values.type}, expected a list of floats per row")
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        present = ~pc.is_null(values).to_numpy(zero_copy_only=False)
+        dims = np.unique(lengths[present].astype(np.int64))
+        if len(dims) != 1 or dims[0] == 0:
+            raise SourceError(f"table {self.path!r} column {column!r}: text embeddings need one length in every row, "
+                              f"found {dims[:5].tolist() or 'no rows'}")
+        flat = pc.cast(pc.list_flatten(values), pa.float32()).to_numpy(zero_copy_only=False)
+        emb = np.zeros((len(uids), int(dims[0])), dtype=np.float32)
+        emb[present] = flat.reshape(-1, int(dims[0]))
+        return [str(u) for u in uids], emb
+
     def _name(self) -> str:
         return f"table {self.path!r}"
 
@@ -738,8 +769,11 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
 
 class PrecomputedSource(Source):
     """Precomputed embeddings in the LAION/DataComp layout: ``img_emb/img_emb_0000.npy`` + row-aligned
-    ``metadata/metadata_0000.parquet``, optionally + row-aligned caption embeddings ``text_emb/text_emb_0000.npy``
-    (``text_emb_paths``; same dimension as the image embeddings: clip_score compares them). Files pair up by sorted order.
+    ``metadata/metadata_0000.parquet``, optionally + caption embeddings ``text_emb_paths`` (same dimension as the image
+    embeddings: clip_score compares them): LAION ``text_emb/text_emb_0000.npy``, row-aligned with the image file, or
+    DataComp's per-shard ``.npz`` beside the ``.parquet`` (array ``text_emb_key``, default: the one ``*_txt`` array of the
+    image dimension, ``b32_txt`` / ``l14_txt``), whose rows are those of the same-named ``.parquet`` and are matched to
+    the shard's rows by uid. Files pair up by sorted order.
 
     uid = the ``uid_column`` of the metadata (DataComp ``uid``, LAION ``key``); location = the
     ``location_column`` value when given (e.g. ``url``), else ``"<npy path>#<row>"``.
@@ -759,6 +793,7 @@ class PrecomputedSource(Source):
         caption_column: str | None = None,
         location_column: str | None = None,
         text_emb_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        text_emb_key: str | None = None,
     ) -> None:
         super().__init__()
         self.emb_paths = _expand_paths(emb_paths, "embedding")
@@ -774,6 +809,12 @@ class PrecomputedSource(Source):
                 f"{len(self.emb_paths)} embedding file(s) but {len(self.text_emb_paths)} text embedding file(s); "
                 f"they pair by sorted order (first: {self.emb_paths[:1]} / {self.text_emb_paths[:1]})"
             )
+        npz = [p.lower().endswith(".npz") for p in self.text_emb_paths or []]
+        if any(npz) and not all(npz):
+            raise SourceError("text_emb_paths mixes .npz and other files; use one layout (LAION .npy or DataComp .npz)")
+        if text_emb_key is not None and not any(npz):
+            raise SourceError("text_emb_key names an array of DataComp .npz text_emb_paths; these are not .npz files")
+        self.text_emb_key = text_emb_key
         self.uid_column = uid_column
         self.label_column = label_column
         self.caption_column = caption_column
@@ -800,7 +841,7 @@ class PrecomputedSource(Source):
                 f"row count mismatch: {emb_path!r} has {emb.shape[0]} embeddings, {meta_path!r} has {meta_rows} rows"
             )
         if self.text_emb_paths is not None:
-            self.text_embeddings(shard, image_shape=emb.shape)
+            self.check_text_embeddings(shard, image_shape=emb.shape)
         cols = [c for c in (self.uid_column, self.label_column, self.caption_column, self.location_column) if c]
         table = _read_table(meta_path, list(dict.fromkeys(cols)))
 
@@ -819,13 +860,63 @@ class PrecomputedSource(Source):
         default_location = pl.format("{}#{}", pl.lit(emb_path), pl.int_range(pl.len()))
         return frame.with_columns(pl.col("location").fill_null(default_location))
 
+    def _npz_layout(self, shard: int, shape: tuple[int, ...]) -> tuple[str, str]:
+        """A DataComp .npz text file's array key (checked against the image dimension, from the headers only) and the
+        parquet whose rows its rows are: the same-named ``.parquet`` beside it, else the shard's metadata file."""
+        from pipeline.text_source import TextSourceError, choose_text_key, npz_shapes
+
+        path = self.text_emb_paths[shard]  # type: ignore[index]
+        try:
+            key = choose_text_key(npz_shapes(path), int(shape[1]), key=self.text_emb_key, path=path)
+        except TextSourceError as exc:
+            raise SourceError(str(exc)) from None
+        beside = os.path.splitext(path)[0] + ".parquet"
+        rows_of = beside if os.path.isfile(beside) else self.meta_paths[shard]
+        return key, rows_of
+
+    def check_text_embeddings(self, shard: int, *, image_shape: tuple[int, ...] | None = None) -> None:
+        """Checks one shard's caption-embedding file against its image file (rows, dimension) without reading the data;
+        a SourceError in one line when it does not fit."""
+        if self.text_emb_paths is None:
+            return
+        shape = image_shape or np.load(self.emb_paths[shard], mmap_mode="r").shape
+        if not self.text_emb_paths[shard].lower().endswith(".npz"):
+            self.text_embeddings(shard, image_shape=shape)  # memory-mapped: the header only
+            return
+        import pyarrow.parquet as pq
+
+        from pipeline.text_source import npz_shapes
+
+        path = self.text_emb_paths[shard]
+        key, rows_of = self._npz_layout(shard, shape)  # the headers read and checked there
+        rows, meta_rows = npz_shapes(path)[key][0], pq.ParquetFile(rows_of).metadata.num_rows
+        if rows != meta_rows:
+            raise SourceError(f"row count mismatch: {path!r}[{key}] has {rows} rows, {rows_of!r} has {meta_rows}")
+
     def text_embeddings(self, shard: int, *, image_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-        """One shard's caption embeddings, memory-mapped (None without ``text_emb_paths``): a 2-d array with the image
-        file's rows and dimension, else a SourceError in one line."""
+        """One shard's caption embeddings, one row per image-file row (None without ``text_emb_paths``); a SourceError in
+        one line when they do not fit. LAION .npy: memory-mapped, row-aligned. DataComp .npz: the chosen array, its rows
+        matched to the shard's rows by uid (a shard row without one is a zero row, "no caption")."""
         if self.text_emb_paths is None:
             return None
         path = self.text_emb_paths[shard]
         shape = image_shape or np.load(self.emb_paths[shard], mmap_mode="r").shape
+        if path.lower().endswith(".npz"):
+            from pipeline.text_source import TextSourceError, align_by_uid
+
+            self.check_text_embeddings(shard, image_shape=shape)
+            key, rows_of = self._npz_layout(shard, shape)
+            with np.load(path, allow_pickle=False) as z:
+                text = z[key]
+            if rows_of == self.meta_paths[shard]:
+                return text  # the shard's own metadata: its rows are the image rows
+            theirs = _column_as_str(_read_table(rows_of, [self.uid_column]), self.uid_column, rows_of, allow_null=False)
+            ours = _column_as_str(_read_table(self.meta_paths[shard], [self.uid_column]), self.uid_column,
+                                  self.meta_paths[shard], allow_null=False)
+            try:
+                return align_by_uid(ours, theirs, text, what=f"text embeddings {path!r} (uids from {rows_of!r})")
+            except TextSourceError as exc:
+                raise SourceError(str(exc)) from None
         text = np.load(path, mmap_mode="r")
         if text.ndim != 2:
             raise SourceError(f"{path!r}: expected a 2-d text embedding array, got shape {text.shape}")
@@ -910,6 +1001,7 @@ class PrecomputedSource(Source):
             "location_column": self.location_column,
             # only when given: stores made before text embeddings existed keep their description (store.json)
             **({"text_emb_paths": list(self.text_emb_paths)} if self.text_emb_paths is not None else {}),
+            **({"text_emb_key": self.text_emb_key} if self.text_emb_key is not None else {}),
         }
 
     def _name(self) -> str:

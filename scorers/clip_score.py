@@ -85,12 +85,13 @@ def step_clip_score(
     """CLIP score: cosine of each row's image embedding and its caption's text embedding from the same open_clip model
     (clip_scores above). Keeps the top keep_fraction (DataComp's CLIP-score filter keeps 30%) or the rows at or
     above threshold (LAION-400M used 0.28 with ViT-B/32) or above the quantile. Rows without a caption: NaN, kept.
-    `text_embeddings`: "source" = the caption embeddings a precomputed source ships (LAION text_emb/, source knob
-    text_emb_paths), "compute" = the captions embedded with the run's text tower, "auto" = the source's when it has them.
+    `text_embeddings`: "source" = the caption embeddings the source ships (precomputed text_emb_paths: LAION
+    text_emb/*.npy or DataComp .npz b32_txt / l14_txt; a table's text_embedding_column; matched by uid), "compute" = the captions embedded with the run's text tower, "auto" = the source's when it has them.
     """
     shipped = ctx.source_text() if text_embeddings != "compute" and ctx.source_text is not None else None
     if text_embeddings == "source" and shipped is None:
-        raise ValueError("clip_score text_embeddings: source needs a precomputed source with text_emb_paths (LAION text_emb/*.npy)")
+        raise ValueError("clip_score text_embeddings: source needs a source that ships caption embeddings: a precomputed "
+                         "source's text_emb_paths (LAION text_emb/*.npy, DataComp .npz) or a table's text_embedding_column")
     if shipped is not None:
         if shipped.shape != ctx.emb.shape:
             raise ValueError(f"the source's text embeddings {shipped.shape} do not match the image embeddings {ctx.emb.shape}")

@@ -126,8 +126,8 @@ class ScoringContext:
     meta: Callable[[list[str]], dict[str, np.ndarray]] | None = None
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # embedded eval sources (leak), by target_key
     text_encoder: Callable[..., np.ndarray] | None = None  # texts → unit embeddings from the run's CLIP text tower
-    # the caption embeddings a precomputed source shipped (LAION text_emb/), row-aligned with emb, zero rows = no
-    # caption; returns None when the store holds none
+    # the caption embeddings the source shipped (LAION text_emb/, DataComp .npz, a table's text_embedding_column),
+    # row-aligned with emb, zero rows = no caption; returns None when it ships none
     source_text: Callable[[], np.ndarray | None] | None = None
     embedder: dict[str, Any] | None = None  # the store's embedder description (store.json)
     # (embeddings, seed) → (a FAISS kNN index over them, its description): the pipeline's index choice (exact or IVF by
@@ -142,7 +142,7 @@ class ScoringContext:
     def encode_text(self, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
         if self.text_encoder is None:
             raise ValueError("this step needs the CLIP text tower: embed with embed.kind: clip "
-                             "(clip_score can instead read a precomputed source's text_emb_paths)")
+                             "(clip_score can instead read caption embeddings the source ships: text_emb_paths, text_embedding_column)")
         return self.text_encoder(texts, batch_size=batch_size)
 
     def embedder_name(self) -> str:

@@ -229,7 +229,7 @@ def test_clip_score_reads_the_text_embeddings_a_precomputed_source_ships(tmp_pat
         _run({**base, "name": "compute", "source": spec,
               "steps": [{"scorer": "clip_score", "keep_fraction": 0.9, "text_embeddings": "compute"}]})
     bare = _laion_files(tmp_path / "bare", image, None)
-    with pytest.raises(ValueError, match="text_embeddings: source needs a precomputed source with text_emb_paths"):
+    with pytest.raises(ValueError, match="text_embeddings: source needs a source that ships caption embeddings"):
         _run({**base, "name": "bare", "source": bare, "steps": [{"scorer": "clip_score", "keep_fraction": 0.9, "text_embeddings": "source"}]})
 
 
