@@ -21,7 +21,7 @@ from pipeline.manifest import export_run, read_run_info
 from pipeline.ok_rows import OkRows, open_rows
 from pipeline.run_record import RunStats, store_status_counts, write_curate_manifest
 from pipeline.runlock import acquire, describe
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, meta_cache
 
 log = logging.getLogger("winnow")
 T = TypeVar("T")
@@ -82,7 +82,7 @@ def run_curate_sequence(cfg: CurateConfig, ex: Executor) -> dict[str, Any]:
     Returns run.json's content (plus the manifest stage's own time, which run.json cannot hold: it is written
     inside that stage) and, when exported, `exported_to`.
     """
-    with acquire(cfg.run_dir, flow_run_id=ex.flow_run_id) as lock:
+    with acquire(cfg.run_dir, flow_run_id=ex.flow_run_id) as lock, meta_cache():
         if lock.previous is not None:
             ex.previous_run_died(lock.previous)
         return _sequence(cfg, ex)

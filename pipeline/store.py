@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ _NOT_IDENTITY = ("versions",)
 _SOURCE_LISTS = ("emb_paths", "meta_paths", "urls")
 # Rows copied (and checked for NaN/Inf) at a time by EmbeddingStore.load.
 _LOAD_BLOCK_ROWS = 65_536
+# read_meta's results while a run holds its store (meta_cache): (path, inode, size, mtime_ns) → checked meta
+_META_CACHE: dict[tuple[str, int, int, int], pl.DataFrame] | None = None
+
+
+@contextmanager
+def meta_cache() -> Iterator[None]:
+    """Inside the block, read_meta checks and parses each shard's meta once and then answers from memory: a curate
+    run reads every live shard's meta several times (change detection, rows, append, manifest parts, counts), and
+    the content checksum is most of the cost. Keyed by the file's inode, size and mtime: a shard written again (an
+    atomic rename: a new inode) is read afresh. Nested blocks share the outer one's cache; it is dropped on exit."""
+    global _META_CACHE
+    if _META_CACHE is not None:
+        yield
+        return
+    _META_CACHE = {}
+    try:
+        yield
+    finally:
+        _META_CACHE = None
 
 
 class StoreError(ValueError):
@@ -338,6 +358,21 @@ class EmbeddingStore:
     def read_meta(self, shard: int) -> pl.DataFrame:
         """One shard's meta rows, checked: readable, every column of META_SCHEMA with its type, content checksum."""
         path = self.meta_path(shard)
+        cache, key = _META_CACHE, None
+        if cache is not None:
+            try:
+                st = path.stat()
+            except OSError:
+                st = None
+            key = None if st is None else (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+            if key is not None and key in cache:
+                return cache[key]
+        frame = self._read_meta(path)
+        if cache is not None and key is not None:
+            cache[key] = frame
+        return frame
+
+    def _read_meta(self, path: Path) -> pl.DataFrame:
         # pyarrow, not polars: polars can abort the process on a damaged page. "cannot read" names the file.
         table = read_checked(path, _CannotRead, verify=False) if path.exists() else None
         if table is None:
