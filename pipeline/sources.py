@@ -619,6 +619,24 @@ def _column_as_str(table, name: str, path: str, *, allow_null: bool) -> list[str
     return out
 
 
+def _check_nulls(values: list[Any], name: str, path: str, *, allow_null: bool) -> None:
+    if not allow_null and None in values:
+        raise SourceError(f"table {path!r}: column {name!r} is null at row {values.index(None)}")
+
+
+def _column_as_series(table, name: str, path: str, *, allow_null: bool):
+    """_column_as_str as a polars String Series; a string column goes over without a Python object per row."""
+    import pyarrow as pa
+    import polars as pl
+
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return pl.Series(name, _column_as_str(table, name, path, allow_null=allow_null), dtype=pl.String)
+    if not allow_null and column.null_count:
+        _check_nulls(column.to_pylist(), name, path, allow_null=False)
+    return pl.Series(name, column.combine_chunks() if column.num_chunks else column).cast(pl.String)
+
+
 class TableSource(Source):
     """Images listed in a Parquet or CSV table (chosen by extension).
 
@@ -845,8 +863,8 @@ class PrecomputedSource(Source):
         cols = [c for c in (self.uid_column, self.label_column, self.caption_column, self.location_column) if c]
         table = _read_table(meta_path, list(dict.fromkeys(cols)))
 
-        def column(name: str | None, allow_null: bool) -> list[str | None]:
-            return [None] * meta_rows if name is None else _column_as_str(table, name, meta_path, allow_null=allow_null)
+        def column(name: str | None, allow_null: bool) -> Any:
+            return [None] * meta_rows if name is None else _column_as_series(table, name, meta_path, allow_null=allow_null)
 
         frame = pl.DataFrame(
             {
