@@ -54,6 +54,7 @@ class _Thumb:
     location: str | None
     label: str | None
     caption: str  # text under the image
+    via: str = ""  # which source reads it: "" = the run's own, "eval<n>" = a leak step's n-th eval source
 
 
 def write_report(
@@ -90,7 +91,7 @@ def write_report(
         raise ValueError(f"hardness_column {hardness_column!r} is not a manifest column; score columns: {_score_columns(frame)}")
     out = Path(out_path) if out_path is not None else run_dir / REPORT_FILE
 
-    thumbs = _ThumbReader(info.get("config", {}).get("source"), thumb_px)
+    thumbs = _ThumbReader(info.get("config", {}).get("source"), thumb_px, extra=_eval_sources(info))
     sections = [
         _summary(info, frame, run_dir),
         _counts(info, frame),
@@ -487,15 +488,23 @@ def _duplicates(frame: pl.DataFrame, thumbs: _ThumbReader, pairs: int) -> str:
             sub = sub.sort(sim_col, descending=True, nulls_last=True)
         else:
             sub = sub.bottom_k(pairs, by="uid").sort("uid")
-        sub = sub.join(originals, left_on="dup_of", right_on="orig_uid", how="left", maintain_order="left")
+        if reason == "leak":  # dup_of is an eval row's uid: its image is read through the eval source
+            found = thumbs.find_eval(sub["dup_of"].to_list())
+            sub = sub.with_columns(
+                pl.Series("orig_location", [found.get(u, (None, None, ""))[0] for u in sub["dup_of"]], dtype=pl.String),
+                pl.Series("orig_label", [found.get(u, (None, None, ""))[1] for u in sub["dup_of"]], dtype=pl.String),
+                pl.Series("orig_via", [found.get(u, (None, None, ""))[2] for u in sub["dup_of"]], dtype=pl.String),
+            )
+        else:
+            sub = sub.join(originals, left_on="dup_of", right_on="orig_uid", how="left", maintain_order="left")
         items = []
         for row in sub.iter_rows(named=True):
             value = row.get(sim_col) if sim_col else None
             sim = f" · sim {value:.4f}" if value is not None and math.isfinite(value) else ""
             dup_caption = _caption(row["uid"], row.get("label"), "dropped") + sim
             dup = _Thumb(row["uid"], row.get("location"), row.get("label"), dup_caption)
-            orig_caption = _caption(row["dup_of"], row.get("orig_label"), "original")
-            orig = _Thumb(row["dup_of"], row.get("orig_location"), row.get("orig_label"), orig_caption)
+            orig_caption = _caption(row["dup_of"], row.get("orig_label"), "eval" if reason == "leak" else "original")
+            orig = _Thumb(row["dup_of"], row.get("orig_location"), row.get("orig_label"), orig_caption, row.get("orig_via") or "")
             items.append((orig, dup))
         thumbs.prefetch([t for pair in items for t in pair])
         rows = "".join(f"<div class='dup-pair'>{thumbs.html(o)}{thumbs.html(d)}</div>" for o, d in items)
@@ -637,15 +646,30 @@ def _check_caption(row: dict[str, Any], column: str | None) -> str:
 # ---- thumbnails ------------------------------------------------------------------------------------------------
 
 
-class _ThumbReader:
-    """Reads, decodes and shrinks the few images a report shows, through the run's own source; caches by uid."""
+def _eval_sources(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The distinct eval sources of the run's leak steps, in step order (run.json's config)."""
+    specs: dict[str, dict[str, Any]] = {}
+    for step in (info.get("config") or {}).get("steps") or []:
+        if isinstance(step, dict) and step.get("scorer") == "leak":
+            for spec in step.get("eval_sources") or []:
+                if isinstance(spec, dict):
+                    specs.setdefault(json.dumps(spec, sort_keys=True, default=str), spec)
+    return list(specs.values())
 
-    def __init__(self, source_cfg: dict[str, Any] | None, px: int, workers: int = 8):
+
+class _ThumbReader:
+    """Reads, decodes and shrinks the few images a report shows, through the run's own source or (leak pairs) the
+    leak step's eval sources; caches by (source, uid)."""
+
+    def __init__(self, source_cfg: dict[str, Any] | None, px: int, workers: int = 8,
+                 extra: Sequence[dict[str, Any]] = ()):
         self.px = px
         self.workers = workers
         self.source = None
         self.unavailable: str | None = None
-        self._cache: dict[str, str | None] = {}
+        self._cache: dict[tuple[str, str], str | None] = {}
+        self._extra_cfgs = {f"eval{i}": dict(spec) for i, spec in enumerate(extra)}
+        self._extra: dict[str, Any] = {}  # opened on first use: listing an eval source costs a scan
         if not source_cfg:
             self.unavailable = "run.json has no source config: images cannot be read"
         elif source_cfg.get("kind") == "precomputed":
@@ -658,32 +682,57 @@ class _ThumbReader:
             except Exception as exc:  # moved or deleted dataset: the rest of the report is still useful
                 self.unavailable = f"the run's source cannot be opened ({exc})"
 
+    def find_eval(self, uids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str]]:
+        """uid → (location, label, via) of the eval rows with these uids: the first eval source (in step order) listing
+        each. An eval source that cannot be opened or listed is skipped (its rows show as missing thumbnails)."""
+        from pipeline.sources import source_from_config
+
+        wanted, found = set(uids), {}
+        for via, spec in self._extra_cfgs.items():
+            if not wanted - set(found):
+                break
+            try:
+                source = self._extra[via] if via in self._extra else source_from_config(spec)
+                # precomputed embeddings: no image to show
+                refs = source.refs() if getattr(source, "has_images", True) else []
+            except Exception as exc:  # moved or deleted eval set: the rest of the report is still useful
+                log.warning("report: cannot list eval source %s: %s", spec, exc)
+                source, refs = None, []
+            self._extra[via] = source
+            for ref in refs:
+                if ref.uid in wanted and ref.uid not in found:
+                    found[ref.uid] = (ref.location, ref.label, via)
+            if source is not None:
+                source.forget_refs()  # the listing was needed for a few uids only
+        return found
+
     def prefetch(self, items: Sequence[_Thumb]) -> None:
-        todo = {t.uid: t for t in items if t.uid not in self._cache}
+        todo = {(t.via, t.uid): t for t in items if (t.via, t.uid) not in self._cache}
         if not todo:
             return
         # Reads are I/O bound (files, tar members, object stores); decoding releases the GIL in Pillow.
         with ThreadPoolExecutor(max_workers=min(self.workers, len(todo))) as pool:
-            for uid, uri in zip(todo, pool.map(self._load, todo.values())):
-                self._cache[uid] = uri
+            for key, uri in zip(todo, pool.map(self._load, todo.values())):
+                self._cache[key] = uri
 
     def html(self, t: _Thumb) -> str:
-        if t.uid not in self._cache:
-            self._cache[t.uid] = self._load(t)
-        uri = self._cache[t.uid]
+        if (t.via, t.uid) not in self._cache:
+            self._cache[(t.via, t.uid)] = self._load(t)
+        uri = self._cache[(t.via, t.uid)]
         caption = f"<figcaption>{_e(t.caption)}</figcaption>"
         if uri is None:
             return f"<figure><div class='thumb missing' title='{_e(t.uid)}'>no image</div>{caption}</figure>"
         return f"<figure><img class='thumb' src='{uri}' alt='{_e(t.uid)}' title='{_e(t.uid)}'>{caption}</figure>"
 
     def _load(self, t: _Thumb) -> str | None:
-        if self.source is None or not t.location:
+        source = self._extra.get(t.via) if t.via else self.source
+        if source is None or not t.location:
             return None
         from pipeline.decode import decode_image
         from pipeline.sources import SampleRef
 
         try:
-            data = self.source.read_bytes(SampleRef(t.uid, t.location, t.label))
+            data = source.read_bytes(SampleRef(t.uid, t.location, t.label))
         except Exception as exc:
             log.warning("report: cannot read %s (%s): %s", t.uid, t.location, exc)
             return None

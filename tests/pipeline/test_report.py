@@ -323,3 +323,57 @@ def test_bad_input_is_a_clear_error(labelled_run: Path, tmp_path: Path) -> None:
         write_report(bad)
     assert not (bad / "report.html").exists()
     json.loads((labelled_run / "run.json").read_text())  # the source run is untouched
+
+
+def test_leak_pairs_show_the_eval_image_read_through_the_eval_source(tmp_path: Path) -> None:
+    # Eval images named like training images (same class folder and file name, so the same uid) but other digits; three
+    # byte copies of eval images planted in the training folder. A leak pair must show the eval image itself, read
+    # through the leak step's eval source, not the training row that happens to share its uid.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(60):
+        path = tmp_path / "train" / str(digits.target[i]) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digit_image(digits.images[i]).save(path)
+    evals = []
+    for j in range(12):
+        i = j  # same uid as training row j, pixels of digit 300 + j
+        path = tmp_path / "eval" / str(digits.target[i]) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digit_image(digits.images[300 + 7 * j]).save(path)
+        evals.append(path)
+    for j in (2, 5, 9):
+        shutil.copyfile(evals[j], tmp_path / "train" / str(digits.target[j]) / f"zleak{j}.png")
+    run_dir = _run({
+        "name": "leak",
+        "source": {"kind": "image_folder", "root": str(tmp_path / "train")},
+        "embed": {"kind": "pixels", "num_workers": 0, "pixels": {"size": 16, "grey": True, "dim": 16}},
+        "index": {"k": 4},
+        "steps": [{"scorer": "leak", "eval_sources": [{"kind": "image_folder", "root": str(tmp_path / "eval")}], "eps": 0.0001}],
+        "output_root": str(tmp_path / "runs"),
+    })
+    m = read_manifest(run_dir).filter(pl.col("reason") == "leak")
+    assert sorted(m["uid"].to_list()) == sorted(f"{digits.target[j]}/zleak{j}.png" for j in (2, 5, 9))
+    page_html = (run_dir / "report.html").read_text(encoding="utf-8")
+    duplicates = page_html[page_html.index("<section id='duplicates'"):]
+    duplicates = duplicates[:duplicates.index("</section>")]
+    grid = duplicates[duplicates.index("data-reason='leak'"):]
+    figures = re.findall(r"<figure>(.*?)</figure>", grid)  # pairs: eval image, then the dropped training row
+    assert len(figures) == 6 and grid.count("class='dup-pair'") == 3 and "thumb missing" not in grid
+    sources = [re.search(r"src='([^']+)'", f).group(1) for f in figures]  # every figure has an image
+    for eval_uri, train_uri, eval_fig in zip(sources[::2], sources[1::2], figures[::2]):
+        assert "eval" in eval_fig and eval_uri.startswith("data:image/")
+        eval_px = np.asarray(_decode_data_uri(eval_uri).convert("L"), dtype=np.int16)
+        train_px = np.asarray(_decode_data_uri(train_uri).convert("L"), dtype=np.int16)
+        assert np.array_equal(eval_px, train_px)  # a byte copy: the same thumbnail on both sides
+        uid = re.search(r"title='([^']+)'", eval_fig).group(1)
+        same_uid_train = tmp_path / "train" / uid  # the training image sharing the eval row's uid: another digit
+        own = np.asarray(_decode_data_uri(_thumb_of(same_uid_train)).convert("L"), dtype=np.int16)
+        assert not np.array_equal(own, eval_px)
+
+
+def _thumb_of(path: Path) -> str:
+    from pipeline.report import _thumb_uri
+
+    return _thumb_uri(Image.open(path).convert("RGB"), 64)
