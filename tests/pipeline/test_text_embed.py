@@ -29,5 +29,22 @@ def test_text_tower_embeddings_are_unit_batched_and_match_open_clip(tiny_clip_mo
     again = cached_text_embeddings(tmp_path, {"model": tiny_clip_model}, texts, factory)
     np.testing.assert_array_equal(first, again)
     assert len(built) == 1  # the rerun read the cache and never built the model
-    cached_text_embeddings(tmp_path, {"model": tiny_clip_model}, texts[:2], factory)
+    np.testing.assert_array_equal(cached_text_embeddings(tmp_path, {"model": tiny_clip_model}, texts[:2][::-1], factory),
+                                  first[:2][::-1])
+    assert len(built) == 1  # a subset, in another order: every text is cached
+    # new captions (an append): only those are embedded, into one new part; the old rows come from the cache
+    more = [*texts, "a blue boat", "a green frog", "a blue boat"]
+    grown = cached_text_embeddings(tmp_path, {"model": tiny_clip_model}, more, factory)
     assert len(built) == 2
+    np.testing.assert_array_equal(grown[:5], first)
+    np.testing.assert_allclose(grown[5:], encode_texts(embedder, more[5:]), atol=1e-6)
+    parts = sorted(p for p in tmp_path.rglob("part-*.keys.npy"))
+    assert len(parts) == 2 and sorted(len(np.load(p)) for p in parts) == [2, 4]  # 4 distinct texts first, then 2 new
+    # another model identity does not share the cache
+    cached_text_embeddings(tmp_path, {"model": "other"}, texts[:1], factory)
+    assert len(built) == 3
+    # an unfinished part (rows written, keys not) is ignored
+    for p in tmp_path.rglob("part-*.keys.npy"):
+        p.unlink()
+    cached_text_embeddings(tmp_path, {"model": tiny_clip_model}, texts[:1], factory)
+    assert len(built) == 4
