@@ -1,7 +1,9 @@
 """The run's record: the manifest (one part per store shard, from its meta and the scored columns) and run.json."""
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -81,8 +83,14 @@ def write_curate_manifest(
     record["source_changes"] = changes
     stats.counts["source_changes"] = changes
     cluster = kmeans.assignment.astype(np.int32)
+    reusable = reusable_parts(cfg.run_dir, store, record, columns)
+    record["parts"] = {str(shard): _part_name(position) for position, shard in enumerate(rows.shards)}
     calls = []
     for position, shard in enumerate(rows.shards):
+        if shard in reusable:  # append mode: an untouched shard's rows and decisions are the previous version's
+            calls.append({"store_root": None, "shard": shard, "columns": {}, "uid_file": None, "index": position,
+                          "reuse": str(reusable[shard])})
+            continue
         start, stop = rows.bounds(position)
         part_columns = {name: values[start:stop] for name, values in columns.items()}
         calls.append({"store_root": store.root, "shard": shard, "columns": {**part_columns, "cluster": cluster[start:stop]},
@@ -102,6 +110,44 @@ def write_curate_manifest(
 
     publish(cfg.run_dir, write)
     return cfg.run_dir / MANIFEST_FILE, counts
+
+
+def _part_name(position: int) -> str:
+    return f"part-{position:05d}.parquet"  # commit_manifest's name for the call with this index
+
+
+_SHARD_PART_COLUMNS = {"uid", "label", "location", "caption", "status", "keep", "weight", "cluster", "reason", "dup_of"}
+
+
+def reusable_parts(run_dir: Path, store: EmbeddingStore, record: dict[str, Any], columns: dict[str, np.ndarray]) -> dict[int, Path]:
+    """Store shards whose manifest part in this append run would be byte for byte the previous version's part, and
+    that part's file. Append mode keeps every old row's decision, and a committed shard never changes except by
+    tombstones (new and changed samples go to new shards); so a shard the previous version listed, read from the
+    same store, with as many live rows as that part holds (no tombstone since), under the same columns, gives the
+    same rows. Only an append decision (not a fallback) qualifies."""
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import MANIFEST_FILE, PARTS_FILE, read_parts_index, read_run_info
+    from pipeline.versions import version_dir
+
+    if record.get("mode") != "append" or "old_rows" not in record or record.get("previous_version") is None:
+        return {}
+    folder = version_dir(run_dir, int(record["previous_version"])) / MANIFEST_FILE
+    info = read_run_info(version_dir(run_dir, int(record["previous_version"])))
+    parts = (info.get("incremental") or {}).get("parts")
+    if not parts or (info.get("store") or {}).get("path") != str(store.root):
+        return {}
+    expected = _SHARD_PART_COLUMNS | {c for c in columns if c.startswith("score_")}
+    if set(pq.read_schema(folder / PARTS_FILE).names) != expected:
+        return {}
+    rows_in = {e["name"]: e["rows"] for e in read_parts_index(folder)}
+    dead = store.dead_codes()
+    out = {}
+    for shard in store.shards():
+        name = parts.get(str(shard))
+        if name in rows_in and store.live_meta(shard, dead=dead).height == rows_in[name]:
+            out[shard] = folder / name
+    return out
 
 
 def previous_run_record(run_dir: Path) -> dict[str, Any]:
@@ -131,12 +177,22 @@ def missing_rows(run_dir: Path, store: EmbeddingStore) -> pl.DataFrame:
 
 
 def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict[str, np.ndarray], uid_file: Path | None, path: Path,
-                        missing: pl.DataFrame | None = None, score_columns: list[str] | None = None) -> int:
+                        missing: pl.DataFrame | None = None, score_columns: list[str] | None = None, reuse: str | None = None) -> int:
     """One store shard's manifest rows, sorted by uid: its live ok rows with their scored columns (dup_of row numbers
     named by uid), its live unusable rows as reason bad_input. With `missing` (shard -1): those rows, reason
-    `missing`, with the same columns as the shard parts. Validated and written to `path`; returns the rows."""
+    `missing`, with the same columns as the shard parts. Validated and written to `path`; returns the rows.
+    With `reuse` (reusable_parts): the previous version's identical part, hard-linked (published versions are never
+    modified, so both versions may share the file), copied where links are not possible."""
     from pipeline.manifest import conform, validate, write_part
 
+    if reuse is not None:
+        import pyarrow.parquet as pq
+
+        try:
+            os.link(reuse, path)
+        except OSError:
+            shutil.copyfile(reuse, path)
+        return pq.ParquetFile(path).metadata.num_rows
     if missing is not None:
         part = missing.with_columns(
             pl.lit(False).alias("keep"), pl.lit(0.0, dtype=pl.Float32).alias("weight"), pl.lit(-1, dtype=pl.Int32).alias("cluster"),

@@ -139,18 +139,39 @@ CHANGES_SCHEMA = {"uid": pl.String, "change": pl.String, "old_reason": pl.String
                   "old_weight": pl.Float32, "new_weight": pl.Float32}
 
 
-def _decisions(manifest: Path | None) -> pl.LazyFrame:
-    if manifest is None:
+def _decisions(manifest: Path | None, skip: set[str] = frozenset()) -> pl.LazyFrame:
+    digests = {} if manifest is None or not skip else _part_digests(manifest)
+    parts = [] if manifest is None else [p for p in manifest_parts(manifest) if digests.get(p.name) not in skip]
+    if not parts:
         return pl.LazyFrame(schema={"uid": pl.String, "keep": pl.Boolean, "weight": pl.Float32, "reason": pl.String})
-    return pl.scan_parquet([str(p) for p in manifest_parts(manifest)]).select(_DECISION_COLUMNS)
+    return pl.scan_parquet([str(p) for p in parts]).select(_DECISION_COLUMNS)
+
+
+def _part_digests(manifest: Path) -> dict[str, str]:
+    """Part name → content digest from a manifest directory's parts index ({} for a lone file)."""
+    from pipeline.manifest import PARTS_FILE, read_parts_index
+
+    return {e["name"]: e["digest"] for e in read_parts_index(manifest)} if (manifest / PARTS_FILE).exists() else {}
+
+
+def _shared_parts(old: Path | None, new: Path) -> set[str]:
+    """Digests of parts found once in each manifest: the same rows with the same values on both sides (an append run
+    links an untouched shard's part into the next version), so they hold no change and are not read."""
+    if old is None:
+        return set()
+    from collections import Counter
+
+    before, after = Counter(_part_digests(old).values()), Counter(_part_digests(new).values())
+    return {d for d, n in before.items() if n == 1 and after.get(d) == 1}
 
 
 def manifest_changes(old: Path | None, new: Path) -> pl.DataFrame:
     """The delta between two manifests (None = empty): one row per uid that was added, removed, changed keep, or
     changed weight. A row carried with reason `missing` counts as removed; one already `missing` before is not
-    counted again."""
-    before = _decisions(old).filter(pl.col("reason").fill_null("") != "missing")
-    after = _decisions(new)
+    counted again. Parts with the same content digest in both are skipped (they change nothing)."""
+    shared = _shared_parts(old, new)
+    before = _decisions(old, shared).filter(pl.col("reason").fill_null("") != "missing")
+    after = _decisions(new, shared)
     joined = before.join(after, on="uid", how="full", coalesce=True, suffix="_new")
     gone = pl.col("keep_new").is_null() | (pl.col("reason_new").fill_null("") == "missing")
     change = (
