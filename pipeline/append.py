@@ -15,7 +15,8 @@ row under an old uid). Old rows keep their keep / weight / reason / dup_of / clu
    centroid first, ties by uid). ε is the step's `eps`, or the ε the previous version solved for its
    target_keep_fraction.
 4. every other step runs on the new rows alone (its ScoringContext holds only them), so a keep_fraction is a fraction of
-   the new rows; DBP's quotas come from the new rows' own cluster complexity, not from the stored one.
+   the new rows; DBP's quotas per cluster come from the complexity the previous version stored for that cluster
+   (score_dbp_cluster_complexity, measured over all the rows it saw), from the new rows only for a cluster without one.
 """
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ def append_decide(cfg: Any, store: Any, emb: Any, rows: Any, previous: Previous)
             kmeans=KMeansResult(centroids=previous.centroids, assignment=cl_new, similarity=sim_new,
                                 params=kmeans_params(cfg), used_gpu=False),
             alive=alive_new.copy(), n_scorable=int(len(new_idx)), seed=cfg.seed, device=cfg.embed.device,
+            prior_complexity=stored_complexity(previous.frame, len(previous.centroids)),
         )
         columns, step_notes = run_steps(ctx, other_steps)
         dropped = columns["reason"] != None  # noqa: E711 - object array
@@ -183,6 +185,19 @@ def append_decide(cfg: Any, store: Any, emb: Any, rows: Any, previous: Previous)
                  "cluster": cluster, **scores},
         notes=notes, centroids=previous.centroids, info=info,
     )
+
+
+def stored_complexity(frame: pl.DataFrame, k: int) -> np.ndarray | None:
+    """DBP's per-cluster complexity as a version stored it (score_dbp_cluster_complexity: one value per cluster, on
+    the rows DBP saw), NaN for clusters without it; None when the version ran no DBP."""
+    column = "score_dbp_cluster_complexity"
+    if column not in frame.columns:
+        return None
+    per = (frame.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan() & (pl.col("cluster") >= 0))
+           .group_by("cluster").agg(pl.col(column).first()))
+    out = np.full(k, np.nan)
+    out[per["cluster"].to_numpy()] = per[column].to_numpy()
+    return out
 
 
 def _first_with_same_sha1(sha1: pl.Series, is_new: np.ndarray, uid_rank: np.ndarray) -> np.ndarray:

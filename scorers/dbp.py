@@ -286,7 +286,8 @@ def step_dbp(
     """Concept-complexity pruning (DBP, Abbas et al. ICLR 2024) on the rows still alive.
 
     Complexity C_j = d_inter·d_intra per cluster, quotas from softmax(C/τ) with one shift λ and exact
-    rounding, then the quota farthest-from-centroid rows of each cluster are kept.
+    rounding, then the quota farthest-from-centroid rows of each cluster are kept. With ctx.prior_complexity (append
+    mode) a cluster's stored complexity replaces the one measured on these rows.
     score_dbp_cluster_complexity = C of the row's cluster: higher = more complex concept = more kept.
     """
     centroids = ctx.kmeans.centroids
@@ -297,9 +298,14 @@ def step_dbp(
     dist = distance_to_centroid(ctx.emb, ctx.kmeans.assignment, centroids)[rows]
     complexity = cluster_complexity(None, clusters, centroids, n_neighbors=min(n_neighbors, len(centroids) - 1),
                                     dist_to_centroid=dist)
+    values, stored = complexity.complexity, 0
+    if ctx.prior_complexity is not None:  # append mode: the complexity the previous version measured on all its rows
+        prior = np.asarray(ctx.prior_complexity, dtype=np.float64)
+        known = np.isfinite(prior) & (complexity.sizes > 0)
+        values, stored = np.where(known, prior, values), int(known.sum())
     budget = budget_for(ctx, keep_fraction)
     quotas = dbp_quotas(
-        complexity.complexity,
+        values,
         complexity.sizes,
         budget=budget,
         temperature=temperature,
@@ -312,11 +318,16 @@ def step_dbp(
     drop[rows[~kept]] = True
     table = [
         {"cluster": j, "size": int(complexity.sizes[j]), "d_intra": float(complexity.d_intra[j]),
-         "d_inter": float(complexity.d_inter[j]), "complexity": float(complexity.complexity[j]), "quota": int(quotas[j])}
+         "d_inter": float(complexity.d_inter[j]), "complexity": float(values[j]), "quota": int(quotas[j])}
         for j in range(len(quotas))
     ]
+    if ctx.prior_complexity is not None:
+        info_extra = {"complexity_from": f"previous version for {stored} clusters, these rows for the other "
+                                         f"{int((complexity.sizes > 0).sum()) - stored} non-empty ones"}
+    else:
+        info_extra = {}
     return StepOutput(
-        scores={"score_dbp_cluster_complexity": scatter(n, rows, complexity.complexity[clusters])},
+        scores={"score_dbp_cluster_complexity": scatter(n, rows, values[clusters])},
         drop=drop,
-        info={"budget": budget, "temperature": temperature, "n_neighbors": n_neighbors, "quotas": table},
+        info={"budget": budget, "temperature": temperature, "n_neighbors": n_neighbors, "quotas": table, **info_extra},
     )

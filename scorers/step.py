@@ -133,6 +133,9 @@ class ScoringContext:
     # (embeddings, seed) → (a FAISS kNN index over them, its description): the pipeline's index choice (exact or IVF by
     # size); None = the scorer builds an exact one
     knn_index: Callable[[Any, int], tuple[Any, dict[str, Any]]] | None = None
+    # append mode: DBP's per-cluster complexity as the previous version stored it (k,), NaN where it has none; the new
+    # rows' quotas follow the whole dataset's concepts, not the few new rows' own spread. None = compute from the rows.
+    prior_complexity: np.ndarray | None = None
 
     def meta_columns(self, names: list[str]) -> dict[str, np.ndarray]:
         if self.meta is None:

@@ -210,3 +210,38 @@ def test_kill_mid_increment_then_rerun_gives_the_same_version(digits, tmp_path, 
     info = read_run_info(cfg.run_dir)
     assert info["incremental"]["source_changes"] == read_run_info(twin_cfg.run_dir)["incremental"]["source_changes"]
     assert info["delta"] == read_run_info(twin_cfg.run_dir)["delta"]
+
+
+def test_append_links_untouched_parts_and_matches_a_full_rewrite(digits, tmp_path, monkeypatch):
+    """An append run links the previous version's part of every shard it did not touch (no new rows, no tombstone);
+    the version it publishes and its delta equal those of the same run writing every part, and the earlier version
+    stays readable. DBP's quotas for the new rows come from the complexity version 1 stored."""
+    import pipeline.run_record as run_record
+
+    root = tmp_path / "data"
+    _folder(digits, root, 300)
+    steps = [{"scorer": "exact_dup"}, {"scorer": "semdedup", "eps": 0.002}, {"scorer": "dbp", "keep_fraction": 0.5}]
+    cfg = _cfg(root, tmp_path / "runs", steps=steps, **{"embed.shard_size": 100, "incremental": {"mode": "append"}})
+    run_in_process(cfg)
+    run_in_process(cfg)  # version 2: nothing changed, every part linked
+    v1_parts = sorted((version_dir(cfg.run_dir, 1) / "manifest.parquet").glob("part-*.parquet"))
+    v2_parts = sorted((version_dir(cfg.run_dir, 2) / "manifest.parquet").glob("part-*.parquet"))
+    assert len(v1_parts) == 3 and [p.stat().st_ino for p in v1_parts] == [p.stat().st_ino for p in v2_parts]
+    assert read_run_info(cfg.run_dir)["delta"]["added"] == 0
+    _folder(digits, root, 40, start=300)
+    (root / sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[0]).unlink()  # a tombstone in one old shard
+    twin = tmp_path / "twin"
+    shutil.copytree(tmp_path / "runs", twin / "runs", symlinks=True)
+    twin_cfg = cfg.model_copy(update={"output_root": twin / "runs"})
+    info = run_in_process(cfg)
+    v3_parts = sorted((version_dir(cfg.run_dir, 3) / "manifest.parquet").glob("part-*.parquet"))
+    linked = [p.stat().st_ino for p in v3_parts]
+    assert sum(i in {p.stat().st_ino for p in v2_parts} for i in linked) == 2  # the shard with a tombstone is rewritten
+    monkeypatch.setattr(run_record, "reusable_parts", lambda *a, **k: {})
+    twin_info = run_in_process(twin_cfg)
+    assert read_manifest(cfg.run_dir).sort("uid").equals(read_manifest(twin_cfg.run_dir).sort("uid"))
+    assert read_changes(cfg.run_dir)[2].equals(read_changes(twin_cfg.run_dir)[2])
+    assert info["delta"] == twin_info["delta"] and info["delta"]["added"] == 40 and info["delta"]["removed"] == 1
+    dbp = next(note for note in info["steps"] if note["scorer"] == "dbp")  # quotas from the stored complexity
+    assert dbp["complexity_from"].startswith("previous version for ")
+    assert read_manifest(version_dir(cfg.run_dir, 1)).height == 300  # earlier versions stay readable

@@ -206,3 +206,24 @@ def test_semdedup_score_of_a_clusters_first_row_sorts_as_least_redundant():
     score = cols["score_semdedup"]
     assert not np.isnan(score).any()
     assert (score == -1.0).sum() == len(np.unique(ctx.kmeans.assignment))  # one first-ranked row per cluster
+
+
+def test_dbp_quotas_follow_a_stored_complexity():
+    """Append mode passes the previous version's per-cluster complexity: quotas follow it, not the rows' own spread;
+    a cluster without a stored value (NaN) keeps the one measured on the rows."""
+    import dataclasses
+
+    base = _ctx(40)
+    assignment = np.repeat(np.arange(2, dtype=np.int32), 20)
+    km = KMeansResult(np.eye(2, 8, dtype=np.float32), assignment, np.zeros(40, np.float32), KMeansParams(k=2), False)
+    measured = run_steps(dataclasses.replace(base, kmeans=km), [("dbp", {"keep_fraction": 0.5})])[0]["score_dbp_cluster_complexity"]
+    for prior, favoured in (([0.01, 1.0], 1), ([1.0, 0.01], 0)):
+        ctx = dataclasses.replace(base, kmeans=km, prior_complexity=np.array(prior))
+        cols, notes = run_steps(ctx, [("dbp", {"keep_fraction": 0.5})])
+        kept = np.array([r is None for r in cols["reason"]])
+        assert kept[assignment == favoured].sum() == 19 and kept[assignment != favoured].sum() == 1
+        assert np.allclose(cols["score_dbp_cluster_complexity"], np.array(prior)[assignment])
+        assert notes[0]["complexity_from"].startswith("previous version for 2 clusters")
+    ctx = dataclasses.replace(base, kmeans=km, prior_complexity=np.array([0.5, np.nan]))
+    scores = run_steps(ctx, [("dbp", {"keep_fraction": 0.5})])[0]["score_dbp_cluster_complexity"]
+    assert np.allclose(scores[assignment == 0], 0.5) and np.allclose(scores[assignment == 1], measured[assignment == 1])
