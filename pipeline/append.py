@@ -29,6 +29,7 @@ import polars as pl
 
 CENTROIDS_FILE = "centroids.npy"
 _NOT_SCORED = ("missing", "bad_input")
+_DECISIONS = ("uid", "keep", "weight", "cluster", "reason", "dup_of")  # what append carries from the previous version
 # Old rows are read for cross-run SemDeDup in blocks of about this many bytes (as float32).
 _READ_BYTES = 64 << 20
 
@@ -36,7 +37,7 @@ _READ_BYTES = 64 << 20
 @dataclass
 class Previous:
     version: int
-    frame: pl.DataFrame  # the previous version's scored rows (every manifest column)
+    frame: pl.DataFrame  # the previous version's scored rows: uid, decision and score columns
     centroids: np.ndarray
     fit_mean_distance: float
     store_generation: int
@@ -56,7 +57,7 @@ def load_previous(run_dir: Path) -> Previous | None:
     inc = info.get("incremental") or {}
     if "store_generation" not in inc or "fit_mean_distance" not in inc:
         return None
-    frame = carry_decisions(run_dir)
+    frame = carry_decisions(run_dir, lambda c: c in _DECISIONS or c.startswith("score_"))
     assert frame is not None
     return Previous(
         version=version,
@@ -201,11 +202,16 @@ def stored_complexity(frame: pl.DataFrame, k: int) -> np.ndarray | None:
 
 
 def _first_with_same_sha1(sha1: pl.Series, is_new: np.ndarray, uid_rank: np.ndarray) -> np.ndarray:
-    """For every row, the first row with the same sha1 in the order (old before new, then uid); -1 without a sha1."""
+    """For every new row, and every row sharing a sha1 with one, the first row with that sha1 in the order (old before
+    new, then uid); -1 for the other rows and without a sha1. Only the few rows whose hash a new row repeats are
+    sorted and grouped, not the whole store."""
     frame = pl.DataFrame({"sha1": sha1, "new": is_new, "rank": uid_rank}).with_row_index("i")
-    order = frame.filter(pl.col("sha1").is_not_null()).sort("new", "rank")
-    first = order.group_by("sha1", maintain_order=True).agg(pl.col("i").first().alias("first"))
-    out = frame.join(first, on="sha1", how="left").sort("i")["first"].fill_null(-1).cast(pl.Int64).to_numpy()
+    new_hashes = frame.filter(pl.col("new") & pl.col("sha1").is_not_null())["sha1"].unique()
+    candidates = frame.filter(pl.col("sha1").is_in(new_hashes.implode()))
+    first = candidates.sort("new", "rank").group_by("sha1", maintain_order=True).agg(pl.col("i").first().alias("first"))
+    found = candidates.join(first, on="sha1", how="left")
+    out = np.full(len(is_new), -1, dtype=np.int64)
+    out[found["i"].to_numpy()] = found["first"].cast(pl.Int64).to_numpy()
     return out
 
 

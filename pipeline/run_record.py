@@ -167,11 +167,10 @@ def missing_rows(run_dir: Path, store: EmbeddingStore) -> pl.DataFrame:
     from pipeline.versions import carry_decisions, migrate_legacy
 
     migrate_legacy(run_dir)
-    before = carry_decisions(run_dir)
+    before = carry_decisions(run_dir, lambda c: c in ("uid", "label", "location", "caption", "reason"))
     if before is None:
         return pl.DataFrame(schema={"uid": pl.String})
-    wanted = [c for c in ("uid", "label", "location", "caption") if c in before.columns]
-    before = before.filter(pl.col("reason").fill_null("") != "missing").select(wanted)
+    before = before.filter(pl.col("reason").fill_null("") != "missing").drop("reason")
     live = store.all_meta(columns=["uid"])
     return before.join(live, on="uid", how="anti").sort("uid")
 

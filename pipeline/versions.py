@@ -237,13 +237,15 @@ def format_changes(run_dir: str | Path, from_version: int | None, to_version: in
     return "\n".join(lines)
 
 
-def carry_decisions(run_dir: str | Path) -> pl.DataFrame | None:
-    """The latest version's rows (every column), for append mode; None before the first version."""
+def carry_decisions(run_dir: str | Path, wanted: Callable[[str], bool] | None = None) -> pl.DataFrame | None:
+    """The latest version's rows (every column, or those `wanted` accepts), for append mode; None before the first
+    version."""
     latest = latest_version(Path(run_dir))
     if latest is None:
         return None
-    parts = manifest_parts(version_dir(run_dir, latest) / MANIFEST_FILE)
-    return pl.read_parquet([str(p) for p in parts])
+    parts = [str(p) for p in manifest_parts(version_dir(run_dir, latest) / MANIFEST_FILE)]
+    columns = None if wanted is None else [c for c in pl.read_parquet_schema(parts[0]) if wanted(c)]
+    return pl.read_parquet(parts, columns=columns)
 
 
 def version_info(run_dir: str | Path, version: int) -> dict[str, Any]:
