@@ -143,11 +143,14 @@ print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(
 
 def measured_run(config: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    load_before = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    result["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # the shared machine's load, before/after
+    return result
 
 
 def config(data: Path, out: Path, *, mode: str, files: list[str] | None = None, k: int = 100) -> dict:
@@ -186,7 +189,8 @@ def series(work: Path, base: int, inc: int, increments: int, *, scratch: bool, a
                "rows_copied": info["incremental"]["source_changes"]["new"] + info["incremental"]["source_changes"]["changed"],
                "planted_cross_dups": len(cross), "planted_found": len(found),
                "planted_recall": round(len(found) / max(len(cross), 1), 4),
-               "append_stages_s": info["timings_s"]}
+               "append_stages_s": info["timings_s"], "append_load_1min": result["load_1min"],
+               "parts_linked": info["incremental"].get("parts_linked")}
         if scratch:
             fresh = work / f"scratch{i}"
             s = measured_run(config(data.root, fresh, mode="recompute"))
@@ -211,13 +215,18 @@ def sweep(work: Path, bases: list[int], inc: int) -> dict:
     points = []
     for base in bases:
         rows = series(work / f"sweep{base}", base, inc, 1, scratch=False, alone=False)
-        points.append({"base_rows": base, "increment_s": rows[1]["append_s"], "stages_s": rows[1]["append_stages_s"]})
+        stages = rows[1]["append_stages_s"]
+        points.append({"base_rows": base, "increment_s": rows[1]["append_s"], "stages_s": stages,
+                       "stages_sum_s": round(sum(stages.values()), 3), "load_1min": rows[1]["append_load_1min"]})
         shutil.rmtree(work / f"sweep{base}", ignore_errors=True)
         print(json.dumps(points[-1]), flush=True)
     x = np.log([p["base_rows"] for p in points])
     y = np.log([p["increment_s"] for p in points])
     slope = float(np.polyfit(x, y, 1)[0]) if len(points) > 1 else float("nan")
-    return {"points": points, "loglog_slope": round(slope, 3)}
+    y_stages = np.log([p["stages_sum_s"] for p in points])
+    slope_stages = float(np.polyfit(x, y_stages, 1)[0]) if len(points) > 1 else float("nan")
+    # wall = the child's whole run (imports included, ~5 s that do not depend on the base); stages = the timed stages
+    return {"points": points, "loglog_slope": round(slope, 3), "loglog_slope_stages": round(slope_stages, 3)}
 
 
 def images(work: Path) -> dict:
@@ -281,6 +290,7 @@ def main() -> None:
     parser.add_argument("--increments", type=int, default=3)
     parser.add_argument("--sweep", default="", help="comma-separated base sizes for the slope (one increment each)")
     parser.add_argument("--images", action="store_true")
+    parser.add_argument("--no-series", action="store_true", help="skip the increments series (sweep and/or images only)")
     parser.add_argument("--work", default="/tmp/winnow-bench-incremental")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "incremental.json"))
     args = parser.parse_args()
@@ -290,7 +300,9 @@ def main() -> None:
     t0 = time.perf_counter()
     result: dict = {"settings": {"base": args.base, "inc": args.inc, "increments": args.increments, "dim": DIM, "steps": STEPS,
                                  "k": 100, "machine": "shared 2-core box (timings inflated by other jobs)"}}
-    result["series"] = series(work / "main", args.base, args.inc, args.increments, scratch=True, alone=True)
+    result["load_1min_at_start"] = round(os.getloadavg()[0], 2)
+    if not args.no_series:
+        result["series"] = series(work / "main", args.base, args.inc, args.increments, scratch=True, alone=True)
     if args.sweep:
         result["sweep"] = sweep(work, [int(b) for b in args.sweep.split(",")], args.inc)
     if args.images:

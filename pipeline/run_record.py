@@ -85,6 +85,7 @@ def write_curate_manifest(
     cluster = kmeans.assignment.astype(np.int32)
     reusable = reusable_parts(cfg.run_dir, store, record, columns)
     record["parts"] = {str(shard): _part_name(position) for position, shard in enumerate(rows.shards)}
+    record["parts_linked"] = len(reusable)
     calls = []
     for position, shard in enumerate(rows.shards):
         if shard in reusable:  # append mode: an untouched shard's rows and decisions are the previous version's
