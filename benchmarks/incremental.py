@@ -141,8 +141,13 @@ print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(
 """
 
 
+THREADS = {"n": 2}  # BLAS/OpenMP threads of each measured run (--threads)
+
+
 def measured_run(config: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    n = str(THREADS["n"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+           "HF_HUB_OFFLINE": "1"}
     load_before = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -291,15 +296,20 @@ def main() -> None:
     parser.add_argument("--sweep", default="", help="comma-separated base sizes for the slope (one increment each)")
     parser.add_argument("--images", action="store_true")
     parser.add_argument("--no-series", action="store_true", help="skip the increments series (sweep and/or images only)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="BLAS/OpenMP threads per measured run (on a loaded 2-core machine, 2 threads make the many "
+                             "small matrix products of cross-run SemDeDup several times slower than 1)")
     parser.add_argument("--work", default="/tmp/winnow-bench-incremental")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "incremental.json"))
     args = parser.parse_args()
+    THREADS["n"] = args.threads
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
     result: dict = {"settings": {"base": args.base, "inc": args.inc, "increments": args.increments, "dim": DIM, "steps": STEPS,
-                                 "k": 100, "machine": "shared 2-core box (timings inflated by other jobs)"}}
+                                 "k": 100, "threads": args.threads,
+                                 "machine": "shared 2-core box (timings inflated by other jobs)"}}
     result["load_1min_at_start"] = round(os.getloadavg()[0], 2)
     if not args.no_series:
         result["series"] = series(work / "main", args.base, args.inc, args.increments, scratch=True, alone=True)
