@@ -44,6 +44,10 @@ class OutlierResult:
     density_ratio: np.ndarray  # float32 [n], mean kNN distance / mean of the neighbours' mean kNN distances
     neighbors: np.ndarray  # int64 [n, k]
     distances: np.ndarray  # float32 [n, k], ascending
+    # With a reference: the reference rows' own scores among the other reference rows (leave-one-out), the in-domain
+    # distribution a novelty threshold is read from; None without a reference.
+    reference_kth_distance: np.ndarray | None = None
+    reference_density_ratio: np.ndarray | None = None
 
 
 def knn_search(emb: Any, *, k: int, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,12 +124,21 @@ def outlier_scores(emb: Any, *, k: int = 10, index: Any = None, reference: Any =
     mean_d = np.nanmean(dist, axis=1)
     # the neighbours' own mean kNN distance, inside the set they belong to (the scored rows, or the reference)
     own_mean = np.nanmean(np.where(own_ids < 0, np.nan, own_dist), axis=1)
+    ratio = _density_ratio(mean_d, ids, own_mean)
+    ref_kth = ref_ratio = None
+    if reference is not None:
+        ref_kth = np.where(own_ids[:, -1] >= 0, own_dist[:, -1], np.nan).astype(np.float32)
+        ref_ratio = _density_ratio(own_mean, own_ids, own_mean).astype(np.float32)
+    return OutlierResult(kth_distance=kth.astype(np.float32), density_ratio=ratio.astype(np.float32), neighbors=ids,
+                         distances=dist, reference_kth_distance=ref_kth, reference_density_ratio=ref_ratio)
+
+
+def _density_ratio(mean_d: np.ndarray, ids: np.ndarray, own_mean: np.ndarray) -> np.ndarray:
+    """A row's mean kNN distance over its neighbours' own mean kNN distances (``ids`` index ``own_mean``; -1 = none)."""
     neighbour_mean = np.where(ids >= 0, own_mean[np.maximum(ids, 0)], np.nan)
     denom = np.nanmean(neighbour_mean, axis=1)
     # An exact-duplicate cluster has zero distances: a ratio of 0/0 means "as dense as its neighbours".
-    ratio = np.where(denom > 1e-12, mean_d / np.maximum(denom, 1e-12), np.where(mean_d > 1e-12, np.inf, 1.0))
-    return OutlierResult(kth_distance=kth.astype(np.float32), density_ratio=ratio.astype(np.float32), neighbors=ids,
-                         distances=dist)
+    return np.where(denom > 1e-12, mean_d / np.maximum(denom, 1e-12), np.where(mean_d > 1e-12, np.inf, 1.0))
 
 
 def _search_in(reference: Any, queries: Any, *, k: int, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +164,7 @@ def _search_in(reference: Any, queries: Any, *, k: int, index: Any = None) -> tu
 
 # ---- the curate step --------------------------------------------------------------------------------------------------
 
-@step("outlier", reason="outlier", needs=("targets",), exactly_one=(("keep_fraction", "quantile", "max_score"),),
+@step("outlier", reason="outlier", needs=("targets",), exactly_one=(("keep_fraction", "quantile", "max_score", "target_quantile"),),
       scores=(Score("score_outlier", higher="more outlying"), Score("score_outlier_density", higher="more outlying")),
       orientation="score_outlier: k-th NN cosine distance (to the target's rows when a target is given), "
                   "score_outlier_density: local density ratio; higher = more outlying")
@@ -164,6 +177,7 @@ def step_outlier(
     keep_fraction: Fraction | None = None,
     quantile: Between(0, 1) | None = None,
     max_score: float | None = None,
+    target_quantile: Between(0, 1) | None = None,
 ) -> StepOutput:
     """Outliers by the distance to the k-th nearest neighbour and a local density ratio (outlier_scores above), among the
     rows still alive. `score` (kth_distance or density_ratio) decides; exactly one of keep_fraction (of all rows),
@@ -172,7 +186,12 @@ def step_outlier(
     `target`: a source of in-domain rows (e.g. the test split, embedded with the run's embedder): neighbours are then
     searched among its rows, so a group of similar off-domain rows, each other's neighbours in the pool, is far from
     everything in the target and is found too (Sun et al. 2022, deep nearest neighbours).
+    `target_quantile` (needs a target): the threshold is that quantile of the target rows' own scores, each target row
+    scored against the other target rows, so about (1 − q) of in-domain rows would be dropped whatever the pool holds
+    (Sun et al. set it so 95% of in-domain data passes: 0.95). No guess of how much of the pool is off-domain needed.
     """
+    if target_quantile is not None and target is None:
+        raise ValueError("target_quantile needs a target: the in-domain rows whose own scores set the threshold")
     rows, emb = alive_rows(ctx)
     reference = None
     if target is not None:
@@ -188,7 +207,12 @@ def step_outlier(
     n = len(ctx.alive)
     kth, ratio = scatter(n, rows, result.kth_distance), scatter(n, rows, result.density_ratio)
     chosen = kth if score == "kth_distance" else ratio
+    if target_quantile is not None:
+        in_domain = result.reference_kth_distance if score == "kth_distance" else result.reference_density_ratio
+        max_score = float(np.nanquantile(in_domain, target_quantile))
     drop, note = drop_by_score(ctx, chosen, keep="low", keep_fraction=keep_fraction, threshold=max_score, quantile=quantile)
+    if target_quantile is not None:
+        note["target_quantile"] = target_quantile
     neighbours = {"neighbours_in": "target", "target_rows": int(len(reference))} if reference is not None else {"neighbours_in": "pool"}
     return StepOutput(scores={"score_outlier": kth, "score_outlier_density": ratio}, drop=drop,
                       info={"k": k, "score": score, "index": index_info, **neighbours, **note})

@@ -284,3 +284,31 @@ def test_outlier_against_a_target_finds_an_off_domain_group(cifar_subset, tmp_pa
     uids = meta["uid"].to_numpy()
     top = set(uids[np.argsort(-pool_only.kth_distance)[:26]])
     assert len(top & group) <= 2
+
+
+def test_outlier_target_quantile_reads_its_threshold_from_the_target_rows(cifar_subset, tmp_path):
+    # No guess of how much of the pool is off-domain: the threshold is the test split's own 99% kth-distance quantile.
+    shutil.copytree(cifar_subset / "train", tmp_path / "train")
+    rng = np.random.default_rng(6)
+    squares = ((np.arange(32)[:, None, None] // 8) + (np.arange(32)[None, :, None] // 8)) % 2 == 0
+    for j in range(12):  # the off-domain group of the test above
+        arr = np.where(squares, np.array([255, 0, 255]), np.array([0, 255, 0])) + rng.normal(0, 6, (32, 32, 3))
+        _jpeg(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), tmp_path / "train" / "cat" / f"noise{j}.jpg")
+    test = {"kind": "image_folder", "root": str(cifar_subset / "test")}
+    step = {"scorer": "outlier", "k": 10, "target": test, "target_quantile": 0.99}
+    run_dir = _run({
+        "name": "novelty", "source": {"kind": "image_folder", "root": str(tmp_path / "train")},
+        "embed": {"kind": "pixels", "num_workers": 0, "dtype": "float32"}, "index": {"k": 5},
+        "steps": [step], "output_root": str(tmp_path / "runs"), "report": False,
+    })
+    m = read_manifest(run_dir)
+    dropped = set(m.filter(pl.col("reason") == "outlier")["uid"].to_list())
+    m_scores = dict(zip(m["uid"].to_list(), m["score_outlier"].to_list()))
+    assert {f"cat/noise{j}.jpg" for j in range(12)} <= dropped, sorted(m_scores.items(), key=lambda kv: -kv[1])[:20]
+    assert len(dropped) < 0.1 * m.height  # in-domain photos mostly pass
+    note = next(s for s in read_run_info(run_dir)["steps"] if s["scorer"] == "outlier")
+    assert note["target_quantile"] == 0.99 and note["threshold"] > 0
+    with pytest.raises(ValueError, match="target_quantile needs a target"):
+        from scorers.outlier import step_outlier
+
+        step_outlier(None, target_quantile=0.95)

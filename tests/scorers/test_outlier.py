@@ -160,3 +160,19 @@ def test_reference_mode_checks_its_inputs_and_reuses_a_reference_index():
         outlier_scores(emb, k=4, reference=ref[:4])
     with pytest.raises(ValueError, match="dim"):
         outlier_scores(emb, k=4, reference=_unit(rng.standard_normal((30, 6))))
+
+
+def test_reference_rows_own_scores_are_leave_one_out_and_set_a_novelty_threshold():
+    rng = np.random.default_rng(9)
+    inliers, reference, group, isolated = _with_group(rng)
+    emb = np.concatenate([inliers, group, isolated])
+    result = outlier_scores(emb, k=7, reference=reference)
+    own_kth, own_ratio = _brute(reference, 7)  # each reference row among the other reference rows
+    np.testing.assert_allclose(result.reference_kth_distance, own_kth, atol=1e-5)
+    np.testing.assert_allclose(result.reference_density_ratio, own_ratio, rtol=1e-4)
+    assert outlier_scores(emb, k=7).reference_kth_distance is None
+    # the in-domain 95% quantile passes ~95% of fresh in-domain rows and none of the off-domain ones
+    threshold = np.quantile(result.reference_kth_distance, 0.95)
+    inlier_pass = float((result.kth_distance[:len(inliers)] <= threshold).mean())
+    assert 0.85 <= inlier_pass < 1.0
+    assert (result.kth_distance[len(inliers):] > threshold).all()
