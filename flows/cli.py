@@ -300,7 +300,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # the run's own `evaluate:` block, then the flags given here
     base = read_run_info(args.run_dir).get("config", {}).get("evaluate") or {}
     flags = {k: v for k, v in {"sweep": args.sweep or None, "seeds": args.seeds, "probe": args.probe,
-                               "holdout_fraction": args.holdout_fraction, "fractions": args.fractions}.items() if v is not None}
+                               "holdout_fraction": args.holdout_fraction, "fractions": args.fractions,
+                               "probe_iterations": args.probe_iterations}.items() if v is not None}
     result = evaluate_run(args.run_dir, EvaluateConfig.model_validate({**base, **flags}))
     print(format_evaluation(result))
     print(f"  written to {Path(args.run_dir) / 'run.json'} (key 'evaluation'); `winnow report {args.run_dir}` shows it")
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, default=None, help="random subsets (and MLP seeds); default 5")
     evaluate.add_argument("--probe", choices=("linear", "mlp"), default=None, help="the proxy learner (default linear)")
     evaluate.add_argument("--holdout-fraction", type=float, default=None, help="test split by uid hash (default 0.2)")
+    evaluate.add_argument("--probe-iterations", type=int, default=None,
+                          help="linear probe L-BFGS iterations (default 100; 50 halves the time, README)")
     evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
     evaluate.set_defaults(fn=cmd_evaluate)
 

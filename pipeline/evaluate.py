@@ -622,7 +622,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluateConfig | None = None, *,
         raise ValueError("the run keeps no row outside the held-out split: nothing to evaluate")
     if len(np.unique(labels[pool].astype(str))) < 2:
         raise ValueError("evaluate needs at least 2 classes among the pool's labels")
-    probe = ProbeSpec(kind=settings.probe, l2=settings.l2)
+    probe = ProbeSpec(kind=settings.probe, l2=settings.l2, max_iter=settings.probe_iterations)
     result: dict[str, Any] = {"split": split, "n_rows": len(uids), "kept_fraction": float(keep.mean())}
     result["selection_vs_random"] = evaluate_selection(x[pool], labels[pool], keep[pool], x_test, y_test,
                                                        seeds=settings.seeds, probe=probe)
