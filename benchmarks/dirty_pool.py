@@ -2,10 +2,15 @@
 
 Protocol (fixed; every number in benchmarks/results/dirty_pool.md comes from it)
 -----------------------------------------------------------------------------
-1. **Reference split**: ``ref_size`` class-balanced clean CIFAR-10 train images train the feature CNN (benchmarks/
-   prune_then_train.py's SmallCNN, conv 32-64-128 + BN, ``feat_epochs`` epochs, random flips) and are never in the pool.
-   Its 128-d penultimate activations, centred on the pool mean and L2-normalised, are every image's *embedding* (frozen features stand in for CLIP, which cannot be
-   downloaded here). Clean CIFAR-10 test set (10k) for accuracy.
+1. **Reference split**: ``ref_size`` (15,000) class-balanced clean CIFAR-10 train images train the feature CNN
+   (benchmarks/prune_then_train.py's SmallCNN, conv 32-64-128 + BN, ``feat_epochs`` (10) epochs, random flips) and are
+   never in the pool. Its 128-d penultimate activations stand in for CLIP (which cannot be downloaded here): centred on
+   the pool mean and L2-normalised for the steps that compare rows with each other (SemDeDup, label issues, selection;
+   ReLU features are all positive, so uncentred every pair's cosine is high), uncentred and L2-normalised for the
+   off-domain step (as a CLIP store holds them, and as Sun et al. 2022 score). The reference split is also the user's
+   "small clean in-domain set" that the off-domain step compares against. Clean CIFAR-10 test set (10k) for accuracy.
+   The stand-in should be strong, as CLIP is: the first runs used 2,500 images × 3 epochs (41.8% test accuracy), on
+   which every embedding-based filter acts on noise (``--ref-size 2500 --feat-epochs 3`` reproduces that table).
 2. **Pool** from the other CIFAR-10 train images, made web-like (seed 0):
    - long tail: class c keeps ``round(n_max · ρ^(c/9))`` unique images (ρ = 0.1: 10:1 head to tail);
    - 20% of the pool near-duplicates of pool images, five kinds in turn: byte-identical copy, JPEG re-encode (quality
@@ -14,11 +19,13 @@ Protocol (fixed; every number in benchmarks/results/dirty_pool.md comes from it)
    - 10% of the pool's CIFAR rows (originals and copies) get a flipped label (uniform over the other classes).
 3. **Methods** at kept fractions ``fractions`` of the pool (budget = f · N):
    - full pool; random = class-balanced random subset (by the given, noisy labels), ``seeds`` draws;
-   - winnow = exact_dup (sha1 of the image bytes) → SemDeDup (spherical k-means, ε = ``eps``) → label issues (cleanlab
-     confident learning on out-of-fold linear heads, scorers.label_issues) → off-domain filter (kNN distance,
-     scorers.outlier: drop rows beyond median + 3·MAD of the 10th-neighbour distance) → budgeted selection by evidence
-     (EL2N of out-of-fold linear heads, rule chosen by pipeline.evaluate.choose_rule at the budget). When the filters
-     leave fewer rows than the budget, winnow keeps them all (fewer rows than random gets; the table says how many).
+   - winnow = exact_dup (sha1 of the image bytes) → off-domain (scorers.outlier with ``target`` = the reference split
+     and ``target_quantile`` = ``offdomain_quantile`` (0.95): a row goes when its 10th-nearest reference row is farther
+     than 95% of the reference rows' own 10th neighbours; first, so the label-issue heads do not learn from rows whose
+     labels are noise) → SemDeDup (spherical k-means, ε = ``eps``) → label issues (cleanlab confident learning on
+     out-of-fold linear heads, scorers.label_issues) → budgeted selection by evidence (EL2N of out-of-fold linear heads,
+     rule chosen by pipeline.evaluate.choose_rule at the budget). When the filters leave fewer rows than the budget,
+     winnow keeps them all (fewer rows than random gets; the table says how many).
 4. **Learner**: MLP 128 → 256 → 10 on the pool-standardised features (SGD nesterov, one-cycle, wd 5e-4, batch 128).
    Headline protocol **equal steps**: every subset trains for the steps the full pool gets in ``epochs`` epochs (as
    data_diet and CCS train every subset for the same iterations). Second table **equal epochs** (``epochs`` over the subset).
@@ -27,9 +34,9 @@ Protocol (fixed; every number in benchmarks/results/dirty_pool.md comes from it)
    and seeds (pipeline.evaluate.paired_bootstrap); "> 2 std" = difference > 2 × the larger std; and how many planted
    duplicates, flipped labels and off-domain rows each step removed (and how many clean rows).
 
-Usage: ``nice -n 10 python benchmarks/dirty_pool.py`` (the feature CNN is cached under benchmarks/.cache; a full run has
-not yet completed on the shared machine: under load ~25 at nice 10 the filters took 17 min and the MLP trainings did not
-finish in the next 50); ``--quick`` is a smoke configuration (7 min under the same load).
+Usage: ``nice -n 10 python benchmarks/dirty_pool.py`` (about 5 min on the shared 2-core machine once the feature CNN
+is cached under benchmarks/.cache; training it takes 8-11 min); ``--quick`` is a smoke configuration;
+``--ref-size``/``--feat-epochs`` change the stand-in features and write ``dirty_pool_ref<N>_ep<E>.md`` instead.
 """
 from __future__ import annotations
 
@@ -65,14 +72,15 @@ DUP_KINDS = ("copy", "reencode", "crop", "flip", "brightness")
 
 @dataclass(frozen=True)
 class Protocol:
-    ref_size: int = 2500
-    feat_epochs: int = 3
+    ref_size: int = 15000
+    feat_epochs: int = 10
     n_max: int = 2000  # unique images of the head class
     tail_ratio: float = 0.1
     dup_rate: float = 0.2
     offdomain_rate: float = 0.1
     flip_rate: float = 0.1
     eps: float = 0.02  # SemDeDup, on the centred unit features
+    offdomain_quantile: float = 0.95  # outlier step's target_quantile against the reference split
     kmeans_k: int = 50
     epochs: int = 15
     hidden: int = 256
@@ -82,6 +90,8 @@ class Protocol:
     seed: int = 0
 
 
+FEATURE_FIELDS = ("seed", "ref_size", "feat_epochs", "n_max", "tail_ratio", "dup_rate", "offdomain_rate", "flip_rate",
+                  "weight_decay", "batch_size")
 QUICK = Protocol(ref_size=1000, feat_epochs=1, n_max=300, epochs=3, kmeans_k=10)
 
 
@@ -167,26 +177,30 @@ def build_pool(p: Protocol) -> dict[str, Any]:
     }
 
 
-def embed(pool: dict[str, Any], p: Protocol) -> tuple[np.ndarray, np.ndarray, float]:
-    """Feature CNN on the reference split (cached); (pool features, test features, its test accuracy)."""
-    key = hashlib.sha1(json.dumps({**asdict(p), "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:12]
+def embed(pool: dict[str, Any], p: Protocol) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Feature CNN on the reference split (cached); (pool, test and reference-split features, its test accuracy)."""
+    # keyed by what the pool and the features depend on (not the pipeline's or the learner's knobs)
+    made_by = {f: getattr(p, f) for f in FEATURE_FIELDS}
+    key = hashlib.sha1(json.dumps({**made_by, "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:12]
     cache = CACHE_DIR / f"dirty_pool_features_{key}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return z["pool"], z["test"], float(z["acc"])
+            if "ref" in z.files:
+                return z["pool"], z["test"], z["ref"], float(z["acc"])
     mean, std = channel_stats(pool["x_ref"])
     t = time.perf_counter()
     cnn = train_cnn(to_float(pool["x_ref"], mean, std), torch.from_numpy(pool["y_ref"]), in_ch=3, widths=(32, 64, 128),
                     epochs=p.feat_epochs, lr=0.1, wd=p.weight_decay, batch_size=p.batch_size, seed=p.seed, flip=True)
     feat_pool = cnn_apply(cnn, pool["x"], mean, std, what="features")
     feat_test = cnn_apply(cnn, pool["x_test"], mean, std, what="features")
+    feat_ref = cnn_apply(cnn, pool["x_ref"], mean, std, what="features")
     acc = float((cnn.head(torch.from_numpy(feat_test)).argmax(1).numpy() == pool["y_test"]).mean())
     log(f"feature CNN: {time.perf_counter() - t:.0f}s, test accuracy {100 * acc:.2f}%")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, pool=feat_pool, test=feat_test, acc=acc)
+    np.savez(tmp, pool=feat_pool, test=feat_test, ref=feat_ref, acc=acc)
     os.replace(tmp, cache)
-    return feat_pool, feat_test, acc
+    return feat_pool, feat_test, feat_ref, acc
 
 
 # ---- winnow's pipeline ------------------------------------------------------------------------------------------------
@@ -204,8 +218,10 @@ def planted_counts(removed: np.ndarray, pool: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def winnow_filters(pool: dict[str, Any], unit: np.ndarray, p: Protocol) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """exact_dup → semdedup → label issues → off-domain; returns the alive mask and one note per step."""
+def winnow_filters(pool: dict[str, Any], unit: np.ndarray, raw_unit: np.ndarray, raw_ref: np.ndarray,
+                   p: Protocol) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """exact_dup → off-domain (against the reference split) → semdedup → label issues; returns the alive mask and one
+    note per step. ``unit``: centred unit features; ``raw_unit``/``raw_ref``: uncentred unit features of pool/reference."""
     from pipeline.index import KMeansParams, spherical_kmeans
     from scorers.exact_dup import exact_duplicates
     from scorers.label_issues import label_issues_from_embeddings
@@ -229,6 +245,17 @@ def winnow_filters(pool: dict[str, Any], unit: np.ndarray, p: Protocol) -> tuple
     sha1 = np.array([hashlib.sha1(img.tobytes()).hexdigest() for img in pool["x"]], dtype=object)
     step("exact_dup", exact_duplicates(sha1, uids) >= 0, time.perf_counter() - t)
 
+    # Off-domain first, so the label-issue heads below are not trained on rows whose labels are noise. The outlier step
+    # with `target` (the clean reference split) and `target_quantile` (threshold: that quantile of the reference rows'
+    # own leave-one-out kth distance), on the uncentred unit features as a CLIP store holds them (Sun et al. 2022).
+    t = time.perf_counter()
+    rows = np.flatnonzero(alive)
+    res = outlier_scores(raw_unit[rows], k=10, reference=raw_ref)
+    threshold = float(np.nanquantile(res.reference_kth_distance, p.offdomain_quantile))
+    drop = np.zeros(n, bool)
+    drop[rows[res.kth_distance > threshold]] = True
+    step("offdomain_outlier", drop, time.perf_counter() - t, threshold=threshold, target_quantile=p.offdomain_quantile)
+
     t = time.perf_counter()
     rows = np.flatnonzero(alive)
     km = spherical_kmeans(unit[rows], KMeansParams(k=p.kmeans_k, seed=p.seed))
@@ -244,14 +271,6 @@ def winnow_filters(pool: dict[str, Any], unit: np.ndarray, p: Protocol) -> tuple
     drop[rows[issues.is_issue]] = True
     step("label_issues", drop, time.perf_counter() - t, oof_accuracy=issues.info.get("oof_accuracy"))
 
-    t = time.perf_counter()
-    rows = np.flatnonzero(alive)
-    kth = outlier_scores(unit[rows], k=10).kth_distance
-    med = float(np.median(kth))
-    mad = float(np.median(np.abs(kth - med))) * 1.4826
-    drop = np.zeros(n, bool)
-    drop[rows[kth > med + 3 * mad]] = True
-    step("offdomain_outlier", drop, time.perf_counter() - t, threshold=med + 3 * mad)
     return alive, notes
 
 
@@ -317,12 +336,13 @@ def run(p: Protocol, fractions: list[float], seeds: list[int]) -> dict[str, Any]
     pool = build_pool(p)
     n = len(pool["y"])
     log(f"pool {n} rows: {dict(zip(*np.unique(pool['kind'], return_counts=True)))}, flipped {int(pool['flipped'].sum())}")
-    feat, feat_test, cnn_acc = embed(pool, p)
+    feat, feat_test, feat_ref, cnn_acc = embed(pool, p)
     # ReLU features are all positive (every pair's cosine is high): centre on the pool mean before normalising
     centred = feat - feat.mean(0)
     unit = (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     t = time.perf_counter()
-    alive, notes = winnow_filters(pool, unit, p)
+    raw_unit, raw_ref = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in (feat, feat_ref))
+    alive, notes = winnow_filters(pool, unit, raw_unit.astype(np.float32), raw_ref.astype(np.float32), p)
     el2n = np.full(n, np.nan)
     rows = np.flatnonzero(alive)
     el2n[rows] = el2n_embedding_scores(unit[rows], pool["y"][rows], n_seeds=2, n_folds=3, seed=p.seed).el2n
@@ -377,7 +397,7 @@ def run(p: Protocol, fractions: list[float], seeds: list[int]) -> dict[str, Any]
         log(f"{proto}: {json.dumps(table)}")
     return {
         "protocol": asdict(p), "fractions": fractions, "seeds": seeds, "n_pool": n,
-        "pool_composition": {k: int(v) for k, v in zip(*np.unique(pool["kind"], return_counts=True))},
+        "pool_composition": {str(k): int(v) for k, v in zip(*np.unique(pool["kind"], return_counts=True))},
         "n_flipped": int(pool["flipped"].sum()), "class_counts_unique": pool["class_counts"],
         "feature_cnn_test_accuracy": round(100 * cnn_acc, 2), "filters": notes, "selection": selection,
         "results": results,
@@ -397,6 +417,8 @@ def write_markdown(r: dict[str, Any], path: Path) -> None:
         f"{r['feature_cnn_test_accuracy']}%); no CLIP. Learner: MLP 128→256→10 on those features, seeds {r['seeds']}; "
         "test: the clean CIFAR-10 test set. Protocol in the script's docstring. Wall time "
         f"{r['seconds']['total']:.0f} s on a shared 2-core machine (load average {r['env']['load_avg'][0]:.1f}).", "",
+        "Pipeline: exact_dup → off-domain (outlier, target = the reference split, target_quantile "
+        f"{p['offdomain_quantile']}) → SemDeDup (ε {p['eps']}) → label issues (cleanlab) → budgeted selection by evidence.", "",
         "## What each winnow step removed (planted problems vs clean rows)", "",
         "| step | removed | near-dups | (copy / re-encode / crop / flip / brightness) | flipped labels | off-domain | clean unique rows | left |",
         "|---|---|---|---|---|---|---|---|",
@@ -442,18 +464,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eps", type=float, default=None, help="SemDeDup eps (default 0.05)")
+    ap.add_argument("--ref-size", type=int, default=None, help="reference split size (default 15000)")
+    ap.add_argument("--feat-epochs", type=int, default=None, help="feature CNN epochs (default 10)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     p = QUICK if args.quick else Protocol()
     if args.eps is not None:
         p = replace(p, eps=args.eps)
+    name = "dirty_pool"
+    if args.ref_size is not None or args.feat_epochs is not None:
+        p = replace(p, ref_size=args.ref_size or p.ref_size, feat_epochs=args.feat_epochs or p.feat_epochs)
+        name = f"dirty_pool_ref{p.ref_size}_ep{p.feat_epochs}"
     out = CACHE_DIR / "quick_results" if args.quick else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     r = run(p, [float(f) for f in args.fractions.split(",")], list(range(args.seeds)))
-    (out / "dirty_pool.json").write_text(json.dumps(r, indent=1, default=float))
-    write_markdown(r, out / "dirty_pool.md")
-    log(f"wrote {out / 'dirty_pool.md'}")
+    (out / f"{name}.json").write_text(json.dumps(r, indent=1, default=float))
+    write_markdown(r, out / f"{name}.md")
+    log(f"wrote {out / f'{name}.md'}")
     return 0
 
 
