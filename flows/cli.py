@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--probe", choices=("linear", "mlp"), default=None, help="the proxy learner (default linear)")
     evaluate.add_argument("--holdout-fraction", type=float, default=None, help="test split by uid hash (default 0.2)")
     evaluate.add_argument("--probe-iterations", type=int, default=None,
-                          help="linear probe L-BFGS iterations (default 100; 50 is ~2.6x faster, README)")
+                          help="linear probe L-BFGS iterations (default 50; README)")
     evaluate.add_argument("--fractions", type=_fractions, default=None, help="sweep kept fractions, e.g. 0.1,0.3,0.5,0.7")
     evaluate.set_defaults(fn=cmd_evaluate)
 

@@ -66,7 +66,7 @@ def test_evaluate_writes_run_json_and_says_the_selection_beats_random(noisy_run:
     # the summary shows it too
     assert main(["summary", str(noisy_run)]) == 0
     assert "selection − random" in capsys.readouterr().out
-    assert ev["probe"]["max_iter"] == 100  # the default
+    assert ev["probe"]["max_iter"] == 50  # the default
     # fewer probe iterations: recorded, and the verdict holds on this easy case
     assert main(["evaluate", str(noisy_run), "--seeds", "3", "--probe-iterations", "20"]) == 0
     ev20 = json.loads((noisy_run / "run.json").read_text())["evaluation"]
