@@ -858,6 +858,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="kept fractions, e.g. 10,30,50,70 or 0.1,0.3 (full data always runs)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--learner", choices=("mlp", "cnn"), default="mlp")
+    ap.add_argument("--pool-size", type=int, default=None,
+                    help="a class-balanced pool of this many images (default: the dataset's; the CNN learner on a 2-core "
+                         "machine needs a smaller pool)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (< 1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report-only", action="store_true",
@@ -878,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name in [] if args.report_only else names:
         p = replace((QUICK if args.quick else FULL)[name], learner=args.learner)
+        if args.pool_size is not None:
+            p = replace(p, pool_size=args.pool_size)
         result = run_dataset(name, p, args.seeds, args.fractions, methods, args.threads)
         path = out / f"prune_then_train_{name}.json"
         path.write_text(json.dumps(result, indent=1))
