@@ -9,6 +9,8 @@ import numpy as np
 from pipeline.config import CurateConfig
 from pipeline.store import shard_ranges
 
+SOURCE_UIDS_DIR = "source_uids"  # under the store: the precomputed source's per-file uid-hash cache
+
 
 @dataclass
 class IngestPlan:
@@ -27,12 +29,13 @@ class IngestPlan:
 
 def plan_ingest(cfg: CurateConfig) -> IngestPlan:
     """Lists the source's samples (uids checked unique) and cuts them into shards. A precomputed source is
-    validated file by file and listed as sizes only: one store shard per embedding file."""
+    validated file by file and listed as sizes only: one store shard per embedding file; its uid hashes are cached per
+    file under the store (<store>/source_uids, pipeline.uid_cache), so a grown source reads only its new or changed files."""
     from pipeline.sources import source_from_config
 
     source = source_from_config(cfg.source.arguments())
     if cfg.source.kind == "precomputed":
-        sizes = source.scan_shards()
+        sizes = source.scan_shards(cache_dir=cfg.store_path / SOURCE_UIDS_DIR)
         if not sum(sizes):
             raise ValueError(f"source {cfg.source.arguments()} has no samples")
         ends = np.cumsum(sizes).tolist()

@@ -785,6 +785,29 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     return sorted(os.path.abspath(p) for p in dict.fromkeys(out))
 
 
+def _repeated_hashes(hashes: list[np.ndarray], fresh: list[bool], *, known_unique: bool) -> np.ndarray:
+    """The uid hashes that occur more than once over all files (each file's hashes sorted).
+
+    ``known_unique``: the files not ``fresh`` were checked unique together before, so only the fresh files' hashes are
+    counted among themselves and looked up in each other file by binary search (a memory-mapped file is touched in
+    O(log rows) pages); otherwise every hash is counted.
+    """
+    if not known_unique:
+        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        unique, counts = np.unique(all_hashes, return_counts=True)
+        return unique[counts > 1]
+    new = [h for h, f in zip(hashes, fresh) if f]
+    if not new:
+        return np.empty(0, np.uint64)
+    unique, counts = np.unique(np.concatenate(new), return_counts=True)
+    repeated = [unique[counts > 1]]
+    for h, f in zip(hashes, fresh):
+        if not f and len(h):
+            pos = np.minimum(np.searchsorted(h, unique), len(h) - 1)
+            repeated.append(unique[np.asarray(h[pos]) == unique])
+    return np.unique(np.concatenate(repeated))
+
+
 class PrecomputedSource(Source):
     """Precomputed embeddings in the LAION/DataComp layout: ``img_emb/img_emb_0000.npy`` + row-aligned
     ``metadata/metadata_0000.parquet``, optionally + caption embeddings ``text_emb_paths`` (same dimension as the image
@@ -945,31 +968,65 @@ class PrecomputedSource(Source):
                               "clip_score needs both from one CLIP model")
         return text
 
-    def scan_shards(self) -> list[int]:
+    def _cache_name(self, shard: int) -> str:
+        """The uid-hash cache name of one file pair (pipeline.uid_cache): its files' paths, sizes and mtimes."""
+        from pipeline.uid_cache import entry_name
+
+        paths = [self.emb_paths[shard], self.meta_paths[shard]]
+        if self.text_emb_paths is not None:
+            text = self.text_emb_paths[shard]
+            beside = os.path.splitext(text)[0] + ".parquet"  # a DataComp .npz's rows are those of this file when present
+            paths += [text, beside] if text.lower().endswith(".npz") and os.path.isfile(beside) else [text]
+        return entry_name(paths, {"uid": self.uid_column, "label": self.label_column, "text_key": self.text_emb_key})
+
+    def scan_shards(self, *, cache_dir: str | os.PathLike[str] | None = None) -> list[int]:
         """Validates every file pair and that uids are unique across all of them; returns the rows per pair.
 
         Holds one uid column at a time plus the uids' 64-bit hashes (8 bytes a row); only uids whose hash repeats
         are compared as strings. Cached, like refs().
+        With ``cache_dir`` (pipeline.uid_cache), a file pair whose files have the sizes and mtimes of an earlier
+        successful scan is not read again: its sorted uid hashes come from the cache, and when the earlier scan checked
+        every such file unique together, only the new or changed files' hashes are compared with the others (binary
+        search), so the scan costs O(changed files) reads.
         """
         import polars as pl
 
+        from pipeline.uid_cache import UidHashCache
+
         if self._shard_sizes:
             return list(self._shard_sizes)
-        sizes, hashes, labelled = [], [], False
+        cache = UidHashCache(cache_dir)
+        names: list[str] = []
+        sizes: list[int] = []
+        hashes: list[np.ndarray] = []  # sorted, per file pair
+        fresh: list[bool] = []
+        labelled = False
         for shard in range(len(self.emb_paths)):
-            frame = self.shard_frame(shard)
-            sizes.append(frame.height)
-            hashes.append(frame["uid"].hash(seed=0).to_numpy())
-            labelled = labelled or frame["label"].null_count() < frame.height
-        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
-        unique, counts = np.unique(all_hashes, return_counts=True)
-        repeated = unique[counts > 1]
+            name = self._cache_name(shard) if cache_dir is not None else ""
+            hit = cache.lookup(name) if cache_dir is not None else None
+            if hit is not None:
+                h, entry = hit
+                rows, has_label = int(entry["rows"]), bool(entry["labelled"])
+            else:
+                frame = self.shard_frame(shard)
+                h = np.sort(frame["uid"].hash(seed=0).to_numpy())
+                rows, has_label = frame.height, frame["label"].null_count() < frame.height
+                cache.add(name, h, rows=rows, labelled=has_label)
+            names.append(name)
+            sizes.append(rows)
+            hashes.append(h)
+            fresh.append(hit is None)
+            labelled = labelled or has_label
+        repeated = _repeated_hashes(hashes, fresh, known_unique=cache.verified() >= {n for n, f in zip(names, fresh) if not f})
         if len(repeated):  # a repeated hash is a repeated uid or (rarely) a collision: compare those uids exactly
-            suspects = [
-                self.shard_frame(shard).filter(pl.Series(h).is_in(repeated))["uid"]
-                for shard, h in enumerate(hashes) if np.isin(h, repeated).any()
-            ]
+            suspects = []
+            for shard, h in enumerate(hashes):
+                if np.isin(repeated, h).any():
+                    frame = self.shard_frame(shard)
+                    suspects.append(frame.filter(pl.Series(np.isin(frame["uid"].hash(seed=0).to_numpy(), repeated)))["uid"])
             check_unique_uids(pl.concat(suspects).to_list())
+        if cache_dir is not None:
+            cache.commit(names)
         self._shard_sizes, self._has_labels = sizes, labelled
         return list(sizes)
 
