@@ -123,6 +123,20 @@ def stored_rows(store: EmbeddingStore, shards: list[int] | None = None, dead: np
     return pl.concat(frames)
 
 
+def live_row_count(store: EmbeddingStore, shards: list[int], dead: np.ndarray) -> int:
+    """The live meta rows of `shards`: each completion marker's row count less the shard's tombstones (its meta is
+    read only when the marker has no count)."""
+    total = 0
+    for shard in shards:
+        rows = store.read_marker(shard).get("rows")
+        if rows is None:
+            total += store.live_meta(shard, dead=dead).height
+            continue
+        lo, hi = np.searchsorted(dead, [shard << 32, (shard + 1) << 32])
+        total += int(rows) - int(hi - lo)
+    return total
+
+
 def compare(listing: pl.DataFrame, stored: pl.DataFrame) -> pl.DataFrame:
     """Joins the listing (uid, size, mtime_ns, with its row index `li`) with the stored rows by uid; adds `state`:
     new, removed, unchanged (same size and token) or candidate."""
@@ -272,7 +286,7 @@ def plan_precomputed_increment(store: EmbeddingStore, source: Any) -> Increment:
     unchanged_files_rows = 0  # rows of untouched files: counted from the store, never read from the source
     untouched_shards = [s for s in shards_before if s not in set(suspect)]
     if untouched_shards:
-        unchanged_files_rows = stored_rows(store, untouched_shards, dead_before).height
+        unchanged_files_rows = live_row_count(store, untouched_shards, dead_before)
     counts = {name: joined.filter(pl.col("state") == name).height for name in ("new", "changed", "removed")}
     counts["unchanged"] = joined.filter(pl.col("state") == "unchanged").height + unchanged_files_rows
     counts["hashed"] = listing.height

@@ -19,6 +19,7 @@ from pipeline.config import CurateConfig
 from pipeline.fanout import FanOut
 from pipeline.index import KMeansResult
 from pipeline.ok_rows import OkRows, uids_at
+from pipeline.append_shards import ROWS_DIR, SHARD_PART_COLUMNS, copy_rows_file
 from pipeline.store import EmbeddingStore
 from scorers.step import registry
 
@@ -89,7 +90,7 @@ def write_curate_manifest(
     calls = []
     for position, shard in enumerate(rows.shards):
         if shard in reusable:  # append mode: an untouched shard's rows and decisions are the previous version's
-            calls.append({"store_root": None, "shard": shard, "columns": {}, "uid_file": None, "index": position,
+            calls.append({"store_root": store.root, "shard": shard, "columns": {}, "uid_file": None, "index": position,
                           "reuse": str(reusable[shard])})
             continue
         start, stop = rows.bounds(position)
@@ -106,8 +107,93 @@ def write_curate_manifest(
         def info() -> dict[str, Any]:
             return {**run_info(cfg, store, counts, notes, stats), "incremental": record, "version": version}
 
-        commit_manifest(folder, info, build_manifest_part, calls, fan_out=fan_out)
+        with_rows = [c if c["shard"] < 0 else {**c, "rows_path": folder / ROWS_DIR / f"{c['shard']:05d}.arrow"} for c in calls]
+        commit_manifest(folder, info, build_manifest_part, with_rows, fan_out=fan_out)
         np.save(folder / CENTROIDS_FILE, np.asarray(kmeans.centroids, dtype=np.float32))
+
+    publish(cfg.run_dir, write)
+    return cfg.run_dir / MANIFEST_FILE, counts
+
+
+def write_append_manifest(cfg: CurateConfig, store: EmbeddingStore, result: Any, stats: RunStats,
+                          fan_out: FanOut | None = None) -> tuple[Path, dict[str, Any]]:
+    """write_curate_manifest's version for an append by shard (pipeline.append_shards): untouched shards' parts and
+    rows files linked, tombstoned shards' parts filtered from the previous version's, new shards' parts built, the
+    `missing` part from the tombstoned shards' gone rows; counts and statuses from the previous run.json updated by
+    what changed. Returns what write_curate_manifest returns, with the same content."""
+    from pipeline.append import CENTROIDS_FILE
+    from pipeline.manifest import MANIFEST_FILE, commit_manifest
+    from pipeline.versions import publish
+
+    plan = result.plan
+    prev_info = plan.info
+    prev_counts = prev_info.get("counts") or {}
+    by_reason: Counter[str] = Counter({k: int(v) for k, v in (prev_counts.get("by_reason") or {}).items() if k != "missing"})
+    status: Counter[str] = Counter({k: int(v) for k, v in (prev_counts.get("store_status") or {}).items()})
+
+    def reasons(frame: pl.DataFrame) -> Counter[str]:
+        return Counter({("kept" if r is None else str(r)): int(n) for r, n in frame.group_by("reason").len().iter_rows()})
+
+    kept_parts, gone = {}, []
+    for shard in plan.touched:
+        part = pl.read_parquet(plan.folder / MANIFEST_FILE / plan.parts[str(shard)])
+        is_live = pl.col("uid").is_in(result.touched_meta[shard]["uid"].implode())
+        kept_parts[shard] = part.filter(is_live)
+        lost = part.filter(~is_live)
+        by_reason -= reasons(part)
+        by_reason += reasons(kept_parts[shard])
+        status.subtract(Counter({str(k): int(n) for k, n in lost.group_by("status").len().iter_rows()}))
+        gone.append(lost.select("uid", "label", "location", "caption"))
+    missing = (pl.concat(gone) if gone else pl.DataFrame(schema={"uid": pl.String, "label": pl.String, "location": pl.String,
+                                                                   "caption": pl.String}))
+    missing = missing.filter(~pl.col("uid").is_in(result.new_uids.implode())).sort("uid")
+    n_bad_new = 0
+    for shard in plan.new:
+        meta = result.new_meta[shard]
+        status.update({str(k): int(n) for k, n in meta.group_by("status").len().iter_rows()})
+        n_bad_new += meta.height - len(result.columns[shard]["reason"])
+        by_reason.update("kept" if r is None else str(r) for r in result.columns[shard]["reason"].tolist())
+    if n_bad_new:
+        by_reason["bad_input"] += n_bad_new
+    if missing.height:
+        by_reason["missing"] += missing.height
+    by_reason_sorted = {k: v for k, v in sorted(by_reason.items()) if v}
+    counts = {"samples": sum(by_reason_sorted.values()), "kept": by_reason_sorted.get("kept", 0), "by_reason": by_reason_sorted}
+    stats.counts["store_status"] = {k: v for k, v in sorted(status.items()) if v}
+    notes = [{**note, "alive_after": counts["kept"]} for note in result.notes]
+
+    record: dict[str, Any] = {"mode": cfg.incremental.mode, **result.info,
+                              "fit_mean_distance": float(prev_info["incremental"]["fit_mean_distance"])}
+    record["store_generation"] = store.generation()
+    changes = store.changes_since(int(prev_info["incremental"].get("store_generation", 0)))
+    changes["unchanged"] = sum(plan.live_rows.values()) - changes["new"] - changes["changed"]
+    record["source_changes"] = changes
+    stats.counts["source_changes"] = changes
+    shards = store.shards()
+    record["parts"] = {str(shard): _part_name(position) for position, shard in enumerate(shards)}
+    record["parts_linked"] = len(plan.old) - len(plan.touched)
+    previous_parts = plan.folder / MANIFEST_FILE
+    calls: list[dict[str, Any]] = []
+    for position, shard in enumerate(shards):
+        call: dict[str, Any] = {"store_root": store.root, "shard": shard, "columns": {}, "uid_file": None, "index": position}
+        if shard in result.columns:
+            call["columns"] = result.columns[shard]
+        elif shard in kept_parts:
+            call.update(frame=kept_parts[shard], rows_from=plan.folder / ROWS_DIR / f"{shard:05d}.arrow", dead=plan.dead)
+        else:
+            call["reuse"] = str(previous_parts / plan.parts[str(shard)])
+        calls.append(call)
+    if missing.height:
+        calls.append({"store_root": None, "shard": -1, "columns": {}, "uid_file": None, "index": len(calls),
+                      "missing": missing, "score_columns": list(plan.score_columns)})
+
+    def write(folder: Path, version: int) -> None:
+        def info() -> dict[str, Any]:
+            return {**run_info(cfg, store, counts, notes, stats), "incremental": record, "version": version}
+
+        with_rows = [c if c["shard"] < 0 else {**c, "rows_path": folder / ROWS_DIR / f"{c['shard']:05d}.arrow"} for c in calls]
+        commit_manifest(folder, info, build_manifest_part, with_rows, fan_out=fan_out)
+        np.save(folder / CENTROIDS_FILE, np.asarray(plan.centroids, dtype=np.float32))
 
     publish(cfg.run_dir, write)
     return cfg.run_dir / MANIFEST_FILE, counts
@@ -117,7 +203,6 @@ def _part_name(position: int) -> str:
     return f"part-{position:05d}.parquet"  # commit_manifest's name for the call with this index
 
 
-_SHARD_PART_COLUMNS = {"uid", "label", "location", "caption", "status", "keep", "weight", "cluster", "reason", "dup_of"}
 
 
 def reusable_parts(run_dir: Path, store: EmbeddingStore, record: dict[str, Any], columns: dict[str, np.ndarray]) -> dict[int, Path]:
@@ -138,7 +223,7 @@ def reusable_parts(run_dir: Path, store: EmbeddingStore, record: dict[str, Any],
     parts = (info.get("incremental") or {}).get("parts")
     if not parts or (info.get("store") or {}).get("path") != str(store.root):
         return {}
-    expected = _SHARD_PART_COLUMNS | {c for c in columns if c.startswith("score_")}
+    expected = SHARD_PART_COLUMNS | {c for c in columns if c.startswith("score_")}
     if set(pq.read_schema(folder / PARTS_FILE).names) != expected:
         return {}
     rows_in = {e["name"]: e["rows"] for e in read_parts_index(folder)}
@@ -177,22 +262,39 @@ def missing_rows(run_dir: Path, store: EmbeddingStore) -> pl.DataFrame:
 
 
 def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict[str, np.ndarray], uid_file: Path | None, path: Path,
-                        missing: pl.DataFrame | None = None, score_columns: list[str] | None = None, reuse: str | None = None) -> int:
+                        missing: pl.DataFrame | None = None, score_columns: list[str] | None = None, reuse: str | None = None,
+                        rows_path: Path | None = None, frame: pl.DataFrame | None = None, rows_from: Path | None = None,
+                        dead: np.ndarray | None = None) -> int:
     """One store shard's manifest rows, sorted by uid: its live ok rows with their scored columns (dup_of row numbers
     named by uid), its live unusable rows as reason bad_input. With `missing` (shard -1): those rows, reason
     `missing`, with the same columns as the shard parts. Validated and written to `path`; returns the rows.
     With `reuse` (reusable_parts): the previous version's identical part, hard-linked (published versions are never
-    modified, so both versions may share the file), copied where links are not possible."""
+    modified, so both versions may share the file), copied where links are not possible.
+    `rows_path`: also write the shard's rows file there (pipeline.append_shards). With `frame` (append by shard, a
+    shard tombstoned since): that part, already built, and the rows file `rows_from` less the rows in `dead`."""
+    from pipeline.append_shards import link_or_copy, rows_file_current, write_rows_file
     from pipeline.manifest import conform, validate, write_part
 
     if reuse is not None:
         import pyarrow.parquet as pq
 
-        try:
-            os.link(reuse, path)
-        except OSError:
-            shutil.copyfile(reuse, path)
+        link_or_copy(Path(reuse), path)
+        if rows_path is not None:  # the shard's rows file: the previous version's, or made once from its part
+            previous_rows = Path(reuse).parent.parent / ROWS_DIR / f"{shard:05d}.arrow"
+            store = EmbeddingStore(store_root)
+            if rows_file_current(previous_rows, store, shard):
+                link_or_copy(previous_rows, rows_path)
+            else:
+                ok = store.live_meta(shard).filter(pl.col("status") == "ok").with_row_index("_i")
+                clusters = ok.select("uid", "_i").join(pl.read_parquet(reuse, columns=["uid", "cluster"]), on="uid", how="left").sort("_i")
+                write_rows_file(rows_path, store, shard, ok, clusters["cluster"].fill_null(-1).to_numpy())
         return pq.ParquetFile(path).metadata.num_rows
+    if frame is not None:
+        if rows_path is not None and rows_from is not None:
+            copy_rows_file(rows_from, rows_path, shard, dead)
+        part = conform(frame)
+        validate(part)
+        return write_part(part, path)
     if missing is not None:
         part = missing.with_columns(
             pl.lit(False).alias("keep"), pl.lit(0.0, dtype=pl.Float32).alias("weight"), pl.lit(-1, dtype=pl.Int32).alias("cluster"),
@@ -204,7 +306,11 @@ def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict
         validate(part)
         return write_part(part, path)
 
-    meta = EmbeddingStore(store_root).live_meta(shard).select("uid", "label", "location", "caption", "status")
+    store = EmbeddingStore(store_root)
+    live = store.live_meta(shard)
+    if rows_path is not None:
+        write_rows_file(rows_path, store, shard, live.filter(pl.col("status") == "ok"), columns["cluster"])
+    meta = live.select("uid", "label", "location", "caption", "status")
     columns = dict(columns)
     reason, dup_idx, weight, cluster = columns.pop("reason"), columns.pop("dup_of"), columns.pop("weight"), columns.pop("cluster")
     carried = columns.pop("dup_of_uid", None)  # append mode: originals named by the previous version

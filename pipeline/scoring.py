@@ -18,6 +18,7 @@ from pipeline.sources import TableSource, source_from_config
 from pipeline.text_source import align_by_uid, unit_rows
 from pipeline.index import KMeansResult, KnnParams, build_knn_index
 from pipeline.store import EmbeddingStore
+from scorers.arrays import mean_one_over  # noqa: F401 - also imported from here (pipeline.append)
 from scorers.step import EvalSet, ScoringContext, needing, registry, validate_steps
 
 
@@ -166,12 +167,3 @@ def _what_earlier_steps_left(notes: list[dict[str, Any]], n: int) -> str:
     return f" (of {n:,} rows: {dropped}; {notes[-1]['alive_after']:,} left)"
 
 
-def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Weights scaled to mean 1 over the kept rows, 0 elsewhere (float32, the manifest's `weight`)."""
-    out = np.where(keep, weights, 0.0)
-    total = out.sum()
-    if keep.any():
-        if not np.isfinite(total) or total <= 0:
-            raise ValueError("the kept rows' weights sum to zero or are not finite")
-        out = out * (keep.sum() / total)
-    return out.astype(np.float32)

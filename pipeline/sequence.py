@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from pipeline.append import decide
+from pipeline.append_shards import append_by_shard
 from pipeline.config import CurateConfig, check_before_embedding
 from pipeline.fanout import serial_fan_out
 from pipeline.fill_store import (commit_increment, embed_shard, embed_targets, image_jobs, ingest_precomputed, init_store,
@@ -19,7 +20,7 @@ from pipeline.fill_store import (commit_increment, embed_shard, embed_targets, i
 from pipeline.ingest import IngestPlan, listing_counts, plan_ingest
 from pipeline.manifest import export_run, read_run_info
 from pipeline.ok_rows import OkRows, open_rows
-from pipeline.run_record import RunStats, store_status_counts, write_curate_manifest
+from pipeline.run_record import RunStats, store_status_counts, write_append_manifest, write_curate_manifest
 from pipeline.runlock import acquire, describe
 from pipeline.store import EmbeddingStore, meta_cache
 
@@ -120,22 +121,18 @@ def _sequence(cfg: CurateConfig, ex: Executor) -> dict[str, Any]:
             stats.counts["embed_shards_skipped"] = status_counts.pop("skipped", 0) + len(increment.shards_before)
             del calls, jobs
         plan.release_refs()  # one object per sample, not needed past embedding: freed before scoring
-    stats.counts["store_status"] = store_status_counts(store)
-    with stats.timed("index"):
-        emb, rows = ex.stage("open_rows", _open_rows, store)
-    targets: dict[str, Any] = {}
-    if needs_targets(cfg):
-        with stats.timed("embed_targets"):
-            targets = ex.stage("embed_targets", embed_targets, cfg, embedder)
-            ex.log(f"targets: { {k[:60]: len(getattr(v, 'emb', v)) for k, v in targets.items()} }")
-    # index + score: k-means and every step (recompute), or the new rows against the previous version (append);
-    # decide times both stages itself
-    kmeans, columns, notes, record = decide(cfg, store, emb, rows, stats, targets, fan_out=ex.fan_out, stage=ex.stage)
-    ex.log(f"index: {record['mode']}, spherical k-means k={kmeans.params.k} on {len(emb)} embeddings")
-    with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
-        path, counts = ex.stage("write_manifest", write_curate_manifest, cfg, store, rows, kmeans, columns, notes, stats,
-                                fan_out=ex.fan_out, incremental=record)
-        ex.log(f"manifest: {counts['samples']} rows, {counts['kept']} kept → {path}")
+    by_shard = None
+    if cfg.incremental.mode == "append":  # only the new and the tombstoned shards are read (pipeline.append_shards)
+        with stats.timed("score"):
+            by_shard = ex.stage("append_by_shard", append_by_shard, cfg, store)
+    if by_shard is not None:
+        ex.log(f"index + score: append by shard: {by_shard.info['new_rows']} new rows in {len(by_shard.plan.new)} new "
+               f"shards, {len(by_shard.plan.touched)} shards with removals, {by_shard.info['old_rows']} old rows")
+        with stats.timed("manifest"):
+            path, counts = ex.stage("write_manifest", write_append_manifest, cfg, store, by_shard, stats, fan_out=ex.fan_out)
+            ex.log(f"manifest: {counts['samples']} rows, {counts['kept']} kept → {path}")
+    else:
+        _index_score_manifest(cfg, ex, store, embedder, stats)
     info = read_run_info(cfg.run_dir)
     info["timings_s"]["manifest"] = round(stats.timings["manifest"], 3)
     info["stage_spans"]["manifest"] = stats.spans["manifest"]
@@ -152,6 +149,26 @@ def _sequence(cfg: CurateConfig, ex: Executor) -> dict[str, Any]:
         info["exported_to"] = ex.stage("export", export_run, cfg.run_dir, cfg.export_uri)
         ex.log(f"export: manifest, report and run.json copied to {info['exported_to']}")
     return info
+
+
+def _index_score_manifest(cfg: CurateConfig, ex: Executor, store: EmbeddingStore, embedder: Any, stats: RunStats) -> None:
+    """open rows → (targets) → index + score (recompute, or append over every row) → manifest."""
+    stats.counts["store_status"] = store_status_counts(store)
+    with stats.timed("index"):
+        emb, rows = ex.stage("open_rows", _open_rows, store)
+    targets: dict[str, Any] = {}
+    if needs_targets(cfg):
+        with stats.timed("embed_targets"):
+            targets = ex.stage("embed_targets", embed_targets, cfg, embedder)
+            ex.log(f"targets: { {k[:60]: len(getattr(v, 'emb', v)) for k, v in targets.items()} }")
+    # index + score: k-means and every step (recompute), or the new rows against the previous version (append);
+    # decide times both stages itself
+    kmeans, columns, notes, record = decide(cfg, store, emb, rows, stats, targets, fan_out=ex.fan_out, stage=ex.stage)
+    ex.log(f"index: {record['mode']}, spherical k-means k={kmeans.params.k} on {len(emb)} embeddings")
+    with stats.timed("manifest"):  # one part per store shard, built and written by tasks; run.json last
+        path, counts = ex.stage("write_manifest", write_curate_manifest, cfg, store, rows, kmeans, columns, notes, stats,
+                                fan_out=ex.fan_out, incremental=record)
+        ex.log(f"manifest: {counts['samples']} rows, {counts['kept']} kept → {path}")
 
 
 def _prepare_embedder(cfg: CurateConfig, plan: IngestPlan) -> tuple[Any, EmbeddingStore]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_emb", "check_keep", "encode_labels", "rank_key", "uid_ranks", "unit_rows"]
+__all__ = ["check_emb", "check_keep", "encode_labels", "mean_one_over", "rank_key", "uid_ranks", "unit_rows"]
 
 
 def check_emb(emb: Any, name: str = "emb", *, non_empty: bool = False) -> None:
@@ -84,3 +84,14 @@ def rank_key(dist: np.ndarray, uid_rank: np.ndarray, keep: str, seed: int) -> np
         return np.asarray(dist, dtype=np.float64)
     perm = np.random.default_rng(seed).permutation(len(uid_rank))
     return perm[uid_rank]
+
+
+def mean_one_over(weights: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Weights scaled to mean 1 over the kept rows, 0 elsewhere (float32, the manifest's `weight`)."""
+    out = np.where(keep, weights, 0.0)
+    total = out.sum()
+    if keep.any():
+        if not np.isfinite(total) or total <= 0:
+            raise ValueError("the kept rows' weights sum to zero or are not finite")
+        out = out * (keep.sum() / total)
+    return out.astype(np.float32)

@@ -214,9 +214,11 @@ def test_kill_mid_increment_then_rerun_gives_the_same_version(digits, tmp_path, 
 
 def test_append_links_untouched_parts_and_matches_a_full_rewrite(digits, tmp_path, monkeypatch):
     """An append run links the previous version's part of every shard it did not touch (no new rows, no tombstone);
-    the version it publishes and its delta equal those of the same run writing every part, and the earlier version
-    stays readable. DBP's quotas for the new rows come from the complexity version 1 stored."""
+    the version it publishes (every column) and its delta equal those of the same run by pipeline.append's path,
+    which reads every row and writes every part, and the earlier version stays readable. DBP's quotas for the new
+    rows come from the complexity version 1 stored."""
     import pipeline.run_record as run_record
+    import pipeline.sequence as sequence
 
     root = tmp_path / "data"
     _folder(digits, root, 300)
@@ -234,12 +236,19 @@ def test_append_links_untouched_parts_and_matches_a_full_rewrite(digits, tmp_pat
     shutil.copytree(tmp_path / "runs", twin / "runs", symlinks=True)
     twin_cfg = cfg.model_copy(update={"output_root": twin / "runs"})
     info = run_in_process(cfg)
+    assert "index" not in info["timings_s"]  # decided by shard (pipeline.append_shards): no k-means, no open rows
     v3_parts = sorted((version_dir(cfg.run_dir, 3) / "manifest.parquet").glob("part-*.parquet"))
     linked = [p.stat().st_ino for p in v3_parts]
     assert sum(i in {p.stat().st_ino for p in v2_parts} for i in linked) == 2  # the shard with a tombstone is rewritten
     monkeypatch.setattr(run_record, "reusable_parts", lambda *a, **k: {})
+    monkeypatch.setattr(sequence, "append_by_shard", lambda *a, **k: None)
     twin_info = run_in_process(twin_cfg)
+    assert "index" in twin_info["timings_s"]
     assert read_manifest(cfg.run_dir).sort("uid").equals(read_manifest(twin_cfg.run_dir).sort("uid"))
+    for key in ("counts", "steps"):
+        assert info[key] == twin_info[key]
+    assert {k: v for k, v in info["incremental"].items() if k != "parts_linked"} == \
+        {k: v for k, v in twin_info["incremental"].items() if k != "parts_linked"}
     assert read_changes(cfg.run_dir)[2].equals(read_changes(twin_cfg.run_dir)[2])
     assert info["delta"] == twin_info["delta"] and info["delta"]["added"] == 40 and info["delta"]["removed"] == 1
     dbp = next(note for note in info["steps"] if note["scorer"] == "dbp")  # quotas from the stored complexity
