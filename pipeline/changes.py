@@ -68,18 +68,13 @@ class Increment:
 def file_stats(locations: list[str], source: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(size, change token) per location, int64; -1 where the file is gone or cannot be stat'ed.
 
-    Local files: st_size and st_mtime_ns. Tar members ("<tar>::<member>", from a webdataset source's index): the
-    member's size and data offset. fsspec URLs: size and the ETag (hashed) or mtime the filesystem reports.
+    Local files: st_size and st_mtime_ns. fsspec URLs: size and the ETag (hashed) or mtime the filesystem reports.
+    (Image folders and webdataset tars record these while listing: sources.Listing.stats, member size and offset.)
     """
     n = len(locations)
     size = np.full(n, -1, dtype=np.int64)
     token = np.full(n, -1, dtype=np.int64)
-    index = getattr(source, "_index", None) or {}
     for i, location in enumerate(locations):
-        entry = index.get(location)
-        if entry is not None:  # webdataset member: (tar url, data offset, size)
-            size[i], token[i] = int(entry[2]), int(entry[1])
-            continue
         if "://" in location:
             size[i], token[i] = _remote_stat(location)
             continue
@@ -104,10 +99,19 @@ def _remote_stat(url: str) -> tuple[int, int]:
     return int(info.get("size") or -1), token
 
 
-def listing_frame(refs: list[Any], source: Any) -> pl.DataFrame:
-    """The source's samples as columns: uid, size, mtime_ns (the change token), in ref order."""
-    size, token = file_stats([r.location for r in refs], source)
-    return pl.DataFrame({"uid": [r.uid for r in refs], "size": size, "mtime_ns": token},
+def listing_frame(refs: Any, source: Any) -> pl.DataFrame:
+    """The source's samples as columns: uid, size, mtime_ns (the change token), in ref order.
+
+    `refs` is the source's columnar listing (sources.Listing): the stats it recorded while listing (image folders,
+    webdataset) are used as they are; otherwise (tables) the locations are stat'ed one chunk at a time."""
+    stats = refs.stats()
+    if stats is None:
+        locations = refs.locations()
+        parts = [file_stats(locations.slice(s, 65_536).to_list(), source) for s in range(0, len(locations), 65_536)]
+        stats = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])) if parts else \
+            (np.empty(0, np.int64), np.empty(0, np.int64))
+    size, token = stats
+    return pl.DataFrame({"uid": refs.uids(), "size": size, "mtime_ns": token},
                         schema={"uid": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64})
 
 
@@ -154,7 +158,7 @@ def _tag(generation: int, payload: Any) -> str:
     return f"g{generation}:" + hashlib.sha1(json.dumps(payload, default=str).encode()).hexdigest()[:16]
 
 
-def plan_image_increment(store: EmbeddingStore, source: Any, refs: list[Any], shard_size: int) -> Increment:
+def plan_image_increment(store: EmbeddingStore, source: Any, refs: Any, shard_size: int) -> Increment:
     """The increment for an image source: listing vs store by uid and size/token, candidates hashed (bytes read,
     never decoded); new and changed samples cut into new shards of shard_size, in listing (uid) order."""
     from pipeline.decode import sha1_hex

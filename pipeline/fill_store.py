@@ -145,12 +145,13 @@ def worker_embedder(cfg: CurateConfig, store_root: Path) -> Any:
 
 def image_jobs(cfg: CurateConfig, plan: IngestPlan, store: EmbeddingStore) -> tuple[Increment, list[dict[str, Any]]]:
     """The store's increment for an image source (pipeline.changes) and one embed_shard call (minus cfg, source,
-    store_root and embedder) per new shard: its refs, shard number, tag and change-detection columns."""
+    store_root and embedder) per new shard: its refs (the shard's rows of the columnar listing), shard number, tag and
+    change-detection columns."""
     inc = plan_image_increment(store, plan.source, plan.refs, cfg.embed.shard_size)
     generation = store.generation() + 1
     assert inc.listing is not None
     sizes, tokens = inc.listing["size"].to_numpy(), inc.listing["mtime_ns"].to_numpy()
-    jobs = [{"refs": [plan.refs[i] for i in job.rows], "shard": job.shard, "tag": job.tag,
+    jobs = [{"refs": plan.refs.take(job.rows), "shard": job.shard, "tag": job.tag,
              "extra": {"size": sizes[job.rows], "mtime_ns": tokens[job.rows], "generation": generation}} for job in inc.jobs]
     return inc, jobs
 

@@ -15,14 +15,14 @@ SOURCE_UIDS_DIR = "source_uids"  # under the store: the precomputed source's per
 @dataclass
 class IngestPlan:
     source: Any
-    refs: list[Any]  # image sources: every SampleRef, until release_refs(); precomputed: [] (tasks read their own file)
+    refs: Any  # image sources: the columnar Listing (sources.Listing), until release_refs(); precomputed: [] (tasks read their own file)
     shards: list[tuple[int, int]]
     n_samples: int
     has_labels: bool
     unlisted: list[dict[str, str]] = field(default_factory=list)  # folders the source could not list: {"path", "why"}
 
     def release_refs(self) -> None:
-        """Drops the per-sample refs (one Python object each) once embedding is done, here and in the source's cache."""
+        """Drops the listing (bytes per sample) once embedding is done, here and in the source's cache."""
         self.refs = []
         self.source.forget_refs()
 
@@ -45,7 +45,7 @@ def plan_ingest(cfg: CurateConfig) -> IngestPlan:
     if not refs:
         raise ValueError(f"source {cfg.source.arguments()} has no samples")
     return IngestPlan(source=source, refs=refs, shards=shard_ranges(len(refs), cfg.embed.shard_size), n_samples=len(refs),
-                      has_labels=any(r.label is not None for r in refs), unlisted=source.unlisted_folders())
+                      has_labels=refs.has_labels(), unlisted=source.unlisted_folders())
 
 
 def listing_counts(plan: IngestPlan, *, show: int = 100) -> dict[str, Any]:

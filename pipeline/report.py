@@ -699,8 +699,9 @@ class _ThumbReader:
                 log.warning("report: cannot list eval source %s: %s", spec, exc)
                 source, refs = None, []
             self._extra[via] = source
-            for ref in refs:
-                if ref.uid in wanted and ref.uid not in found:
+            if len(refs):  # only the rows asked for become SampleRefs
+                rows = np.flatnonzero(refs.uids().is_in(sorted(wanted - set(found))).to_numpy())
+                for ref in refs.take(rows):
                     found[ref.uid] = (ref.location, ref.label, via)
             if source is not None:
                 source.forget_refs()  # the listing was needed for a few uids only

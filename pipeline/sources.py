@@ -17,7 +17,7 @@ import re
 import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,6 +45,8 @@ class SampleRef:
     location: str  # file path / URL, or "<tar path or URL>::<member name>" for webdataset members
     label: str | None = None
     caption: str | None = None
+    # webdataset members: (data offset, size) from the listing, so a read needs no member index; not part of equality
+    member: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
 
 class SourceError(ValueError):
@@ -178,6 +180,167 @@ def _check_refs_unique(refs: Sequence[SampleRef], source: str) -> None:
     raise DuplicateUidError(f"{source}: {count} uid(s) occur more than once: {'; '.join(parts)}{more}", first, count)
 
 
+class Listing(Sequence[SampleRef]):
+    """A source's samples as columns: a polars frame with ``uid`` and optional ``location``, ``label``, ``caption``
+    (String), ``size`` and ``token`` (Int64, the change-detection stats, -1 where unknown), ``offset`` (webdataset).
+
+    Listing millions of samples costs bytes per row, not a Python object each: a ``SampleRef`` is built only for the
+    row asked for (``listing[i]``, iteration builds them one chunk at a time), and ``take``/slices give the sub-listing
+    of one shard to embed. Without a ``location`` column a row's location is ``location_prefix + uid`` (image folders:
+    the root's path, so the paths are not held twice). Webdataset listings carry the member's ``size`` and data ``offset``
+    (-1 for a link or device member; also the change token) so that a ref is read without a per-member index.
+    """
+
+    __slots__ = ("frame", "location_prefix")
+    _ITER_CHUNK = 16_384
+
+    def __init__(self, frame: pl.DataFrame, *, location_prefix: str | None = None) -> None:
+        if "location" not in frame.columns and location_prefix is None:
+            raise ValueError("a Listing needs a location column or a location_prefix")
+        self.frame = frame
+        self.location_prefix = location_prefix
+
+    @classmethod
+    def empty(cls) -> Listing:
+        import polars as pl
+
+        return cls(pl.DataFrame(schema={"uid": pl.String, "location": pl.String}))
+
+    def __len__(self) -> int:
+        return self.frame.height
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return Listing(self.frame[index], location_prefix=self.location_prefix)
+        n = self.frame.height
+        i = index.__index__()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"listing index {index} out of range ({n} samples)")
+        return self._ref(self.frame.row(i, named=True))
+
+    def _ref(self, row: dict[str, Any]) -> SampleRef:
+        uid = row["uid"]
+        location = row["location"] if self.location_prefix is None else self.location_prefix + uid
+        member = (row["offset"], row["size"]) if "offset" in row else None
+        return SampleRef(uid=uid, location=location, label=row.get("label"), caption=row.get("caption"), member=member)
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        for chunk in self.frame.iter_slices(self._ITER_CHUNK):
+            for row in chunk.iter_rows(named=True):
+                yield self._ref(row)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Listing:
+        """The sub-listing of these row positions (in the order given): one shard's samples, as columns."""
+        import polars as pl
+
+        picks = pl.Series("rows", np.asarray(rows, dtype=np.int64))
+        return Listing(self.frame.select(pl.all().gather(picks)), location_prefix=self.location_prefix)
+
+    def uids(self) -> pl.Series:
+        return self.frame["uid"]
+
+    def locations(self) -> pl.Series:
+        import polars as pl
+
+        if self.location_prefix is None:
+            return self.frame["location"]
+        return self.frame.select((pl.lit(self.location_prefix) + pl.col("uid")).alias("location"))["location"]
+
+    def labels(self) -> pl.Series | None:
+        return self.frame["label"] if "label" in self.frame.columns else None
+
+    def has_labels(self) -> bool:
+        labels = self.labels()
+        return labels is not None and labels.null_count() < len(labels)
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(size, change token) per row, int64, when the source recorded them while listing (image folders:
+        st_size and st_mtime_ns; webdataset: member size and data offset); None otherwise."""
+        columns = self.frame.columns
+        if "size" not in columns:
+            return None
+        return self.frame["size"].to_numpy(), self.frame["token" if "token" in columns else "offset"].to_numpy()
+
+    def refs_frame(self) -> pl.DataFrame:
+        """uid, location, label, caption as columns (null where the source has none): what a SampleRef holds."""
+        import polars as pl
+
+        cols = [pl.col(c) if c in self.frame.columns else pl.lit(None, pl.String).alias(c) for c in ("label", "caption")]
+        return self.frame.select("uid", self.locations(), *cols)
+
+    def check_unique(self, source: str) -> None:
+        """DuplicateUidError naming the first few repeated uids and their locations."""
+        import polars as pl
+
+        repeated = self.frame.with_row_index("_row").filter(pl.col("uid").is_duplicated())
+        if repeated.height:
+            _check_refs_unique(list(Listing(repeated.drop("_row"), location_prefix=self.location_prefix)), source)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Listing):
+            return self.refs_frame().equals(other.refs_frame())
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Listing({len(self)} samples, columns {self.frame.columns})"
+
+
+_CHUNK_ROWS = 65_536
+
+
+class _ColumnChunks:
+    """Rows appended one at a time into short Python lists, turned into a polars frame every `_CHUNK_ROWS` rows, so a
+    directory walk over millions of files holds at most one chunk of Python objects."""
+
+    def __init__(self, schema: dict[str, Any], what: str) -> None:
+        self.schema, self.what = schema, what
+        self.names = list(schema)
+        self.lists: list[list[Any]] = [[] for _ in self.names]
+        self.frames: list[pl.DataFrame] = []
+
+    def append(self, *values: Any) -> None:
+        for column, value in zip(self.lists, values):
+            column.append(value)
+        if len(self.lists[0]) >= _CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import polars as pl
+
+        if not self.lists[0]:
+            return
+        try:
+            frame = pl.DataFrame(dict(zip(self.names, self.lists)), schema=self.schema)
+        except UnicodeEncodeError:
+            bad = next(v for column in self.lists for v in column if isinstance(v, str) and not _utf8(v))
+            raise SourceError(f"{self.what}: {os.fsencode(bad)!r} is not valid UTF-8; uids and paths are UTF-8 strings "
+                              "(rename it)") from None
+        self.frames.append(frame)
+        self.lists = [[] for _ in self.names]
+
+    def frame(self) -> pl.DataFrame:
+        import polars as pl
+
+        self._flush()
+        if not self.frames:
+            return pl.DataFrame(schema=self.schema)
+        return pl.concat(self.frames, rechunk=True)
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
@@ -206,23 +369,24 @@ class Source:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __init__(self) -> None:
-        self._refs: list[SampleRef] | None = None
+        self._refs: Listing | None = None
         # folders the last listing could not enter (unreadable, or a folder symlink not followed): {"path", "why"}
         self._unlisted: list[dict[str, str]] = []
 
-    def refs(self) -> list[SampleRef]:
-        """All samples in a deterministic order; raises DuplicateUidError when a uid repeats."""
+    def refs(self) -> Listing:
+        """All samples in a deterministic order, as a columnar Listing (a Sequence of SampleRef built on access);
+        raises DuplicateUidError when a uid repeats."""
         if self._refs is None:
-            refs = self._scan()
-            _check_refs_unique(refs, self._name())
-            self._refs = refs
-        return list(self._refs)
+            listing = self._scan()
+            listing.check_unique(self._name())
+            self._refs = listing
+        return self._refs
 
     def __len__(self) -> int:
         return len(self.refs())
 
     def forget_refs(self) -> None:
-        """Drops the cached ref list (refs() lists the source again if asked)."""
+        """Drops the cached listing (refs() lists the source again if asked)."""
         self._refs = None
 
     def unlisted_folders(self) -> list[dict[str, str]]:
@@ -243,14 +407,14 @@ class Source:
         """``kind`` plus the constructor kwargs, JSON-serialisable (for the store's metadata)."""
         raise NotImplementedError
 
-    def _scan(self) -> list[SampleRef]:
+    def _scan(self) -> Listing:
         raise NotImplementedError
 
     def _name(self) -> str:
         return f"{type(self).__name__}"
 
     def __getstate__(self) -> dict[str, Any]:
-        # Workers only read bytes; the ref list can be millions of entries, so it is not shipped to them.
+        # Workers only read bytes; the listing can be millions of rows, so it is not shipped to them.
         state = dict(self.__dict__)
         state["_refs"] = None
         return state
@@ -349,20 +513,31 @@ class ImageFolderSource(Source):
                 elif os.path.splitext(entry.name)[1].lower() in exts:
                     yield rel_dir, entry
 
-    def _scan(self) -> list[SampleRef]:
+    def _scan(self) -> Listing:
+        import polars as pl
+
         self._unlisted = []
         real_root = self._real_root()
-        found: list[tuple[str, str]] = []  # (uid, path relative to the split folder)
+        # uid, label (first folder below the scanned folder, None for a loose file), size and mtime (change detection)
+        rows = _ColumnChunks({"uid": pl.String, "label": pl.String, "size": pl.Int64, "token": pl.Int64}, self._name())
         escapes: list[str] = []
         for split in self._splits():
             base = os.path.join(self.root, split) if split else self.root
+            split_prefix = "".join(part + "/" for part in Path(split).parts) if split else ""
+            last_dir, prefix, label = None, "", None
             for rel_dir, entry in self._walk(base):
                 if real_root is not None and entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
                     escapes.append(f"{entry.path!r} -> {os.path.realpath(entry.path)!r}")
                     continue
-                rel = rel_dir / entry.name
-                uid = str(PurePosixPath(*Path(split).parts, *rel.parts)) if split else str(rel)
-                found.append((uid, str(rel)))
+                if rel_dir is not last_dir:  # one folder's entries come together: its uid prefix is built once
+                    last_dir, prefix = rel_dir, split_prefix + "".join(part + "/" for part in rel_dir.parts)
+                    label = rel_dir.parts[0] if rel_dir.parts else None
+                try:
+                    st = entry.stat()  # follows symlinks, like the read; never opens the file (a FIFO cannot block)
+                    size, token = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size = token = -1  # gone or unreadable: the read records why
+                rows.append(prefix + entry.name, label, size, token)
         if escapes:
             raise SourceError(
                 f"{len(escapes)} symlink(s) under image folder root {self.root!r} resolve outside it: "
@@ -370,26 +545,19 @@ class ImageFolderSource(Source):
                 "set follow_symlinks: true in the source to read them"
             )
         self._unlisted.sort(key=lambda d: d["path"])
-        found.sort()
-        in_subfolder = [len(PurePosixPath(rel).parts) > 1 for _, rel in found]
+        frame = rows.frame().sort("uid")  # UTF-8 byte order = code point order: the order of sorted() on the strings
+        loose = frame["label"].null_count()
         if self.labels_from_subfolders is None:
-            with_labels = bool(found) and all(in_subfolder)
+            with_labels = frame.height > 0 and loose == 0
         else:
             with_labels = self.labels_from_subfolders
-            if with_labels and not all(in_subfolder):
-                loose = [uid for (uid, _), sub in zip(found, in_subfolder) if not sub]
+            if with_labels and loose:
+                first = frame.filter(pl.col("label").is_null())["uid"].head(_SHOW_DUPLICATES).to_list()
                 raise SourceError(
-                    f"labels_from_subfolders=True but {len(loose)} image(s) are not inside a class folder "
-                    f"under {self.root!r}: {', '.join(map(repr, loose[:_SHOW_DUPLICATES]))}"
+                    f"labels_from_subfolders=True but {loose} image(s) are not inside a class folder "
+                    f"under {self.root!r}: {', '.join(map(repr, first))}"
                 )
-        return [
-            SampleRef(
-                uid=uid,
-                location=os.path.join(self.root, *PurePosixPath(uid).parts),
-                label=PurePosixPath(rel).parts[0] if with_labels else None,
-            )
-            for uid, rel in found
-        ]
+        return Listing(frame if with_labels else frame.drop("label"), location_prefix=os.path.join(self.root, ""))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -430,8 +598,9 @@ class WebDatasetSource(Source):
     uid = the webdataset ``__key__`` (member name up to the first dot of its file name); the image member is the
     first of ``image_keys`` a sample has (samples without one are skipped, with a logged count); label = the text of
     the ``label_key`` member, caption = that of ``caption_key``.
-    ``refs()`` indexes each tar once (member offsets from tarfile's ``offset_data``); ``read_bytes`` then seeks
-    straight to the member. The index travels with the object into worker processes, so workers never rescan.
+    ``refs()`` reads each tar's headers once; the listing holds each image member's data offset and size (tarfile's
+    ``offset_data``), and a ref built from it carries them, so ``read_bytes`` seeks straight to the member, in worker
+    processes too, without a per-member index. A ref made elsewhere (location only) is found by indexing its tar once.
     Only uncompressed tars can be read this way (``.tar.gz`` cannot be seeked): those are a SourceError, and so is a
     local shard that is not a regular file (a FIFO would block the listing). Members are never followed: an image member
     that is a link or device is a ref whose read fails with status not_regular_file, a member larger than
@@ -460,17 +629,19 @@ class WebDatasetSource(Source):
             raise SourceError("image_keys must not be empty")
         self.label_key = label_key.lower() if label_key else None
         self.caption_key = caption_key.lower() if caption_key else None
-        # location ("<tar>::<member>") -> (tar url, data offset, size); filled per tar, once.
-        self._index: dict[str, tuple[str, int, int]] = {}
+        # refs without a member hint: location ("<tar>::<member>") -> (data offset, size), per tar indexed on demand
+        self._index: dict[str, tuple[int, int]] = {}
         self._indexed: set[str] = set()
 
-    def _scan(self) -> list[SampleRef]:
-        refs: list[SampleRef] = []
-        for url in self.urls:
-            refs.extend(self._scan_tar(url))
-        return refs
+    def _scan(self) -> Listing:
+        import polars as pl
 
-    def _scan_tar(self, url: str) -> list[SampleRef]:
+        frames = [self._scan_tar(url) for url in self.urls]
+        return Listing(pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema=_wds_schema()))
+
+    def _scan_tar(self, url: str, *, index: bool = False) -> pl.DataFrame:
+        """One tar's samples as columns (uid, location, label, caption, size, offset); ``index``: also records every
+        member's offset and size in self._index (for refs that come without them)."""
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         repeated: list[str] = []
         local = _local_path(url)
@@ -492,9 +663,9 @@ class WebDatasetSource(Source):
                             if ext in members:
                                 repeated.append(info.name)
                             members[ext] = info
-                            # a link or device member is listed (its row records why) but never read: offset -1
-                            self._index[f"{url}::{info.name}"] = (url, info.offset_data if info.isreg() else -1, info.size)
-                        refs = self._make_refs(url, samples, tar)
+                            if index:  # a link or device member is listed (its row records why) but never read: offset -1
+                                self._index[f"{url}::{info.name}"] = (info.offset_data if info.isreg() else -1, info.size)
+                        frame = self._sample_frame(url, samples, tar)
                 except tarfile.ReadError as e:
                     raise SourceError(f"{url!r} is not an uncompressed tar file ({e})") from e
         except FileNotFoundError as e:
@@ -506,28 +677,29 @@ class WebDatasetSource(Source):
                 [_WDS_KEY.match(n).group(1) for n in repeated[:_SHOW_DUPLICATES]],  # type: ignore[union-attr]
                 len(repeated),
             )
-        self._indexed.add(url)
-        return refs
+        if index:
+            self._indexed.add(url)
+        return frame
 
-    def _make_refs(self, url: str, samples: dict[str, dict[str, tarfile.TarInfo]], tar: tarfile.TarFile) -> list[SampleRef]:
-        refs: list[SampleRef] = []
+    def _sample_frame(self, url: str, samples: dict[str, dict[str, tarfile.TarInfo]], tar: tarfile.TarFile) -> pl.DataFrame:
+        rows = _ColumnChunks(_wds_schema(), f"webdataset shard {url!r}")
         skipped = 0
         for key, members in samples.items():  # tar order, as webdataset yields them
             image = next((members[k] for k in self.image_keys if k in members), None)
             if image is None:
                 skipped += 1
                 continue
-            refs.append(
-                SampleRef(
-                    uid=key,
-                    location=f"{url}::{image.name}",
-                    label=self._text(tar, members.get(self.label_key)) if self.label_key else None,
-                    caption=self._text(tar, members.get(self.caption_key)) if self.caption_key else None,
-                )
+            rows.append(
+                key,
+                f"{url}::{image.name}",
+                self._text(tar, members.get(self.label_key)) if self.label_key else None,
+                self._text(tar, members.get(self.caption_key)) if self.caption_key else None,
+                image.size,
+                image.offset_data if image.isreg() else -1,  # a link or device member is listed but never read
             )
         if skipped:
             log.warning("%s: %d sample(s) without any of %s skipped", url, skipped, self.image_keys)
-        return refs
+        return rows.frame()
 
     @staticmethod
     def _text(tar: tarfile.TarFile, info: tarfile.TarInfo | None) -> str | None:
@@ -541,17 +713,17 @@ class WebDatasetSource(Source):
             raise SourceError(f"member {info.name!r} of {tar.name!r} is not UTF-8 text ({e})") from e
 
     def read_bytes(self, ref: SampleRef) -> bytes:
-        entry = self._index.get(ref.location)
+        url, sep, member = ref.location.rpartition("::")
+        if not sep or url not in self.urls:
+            raise FileNotFoundError(f"{ref.location!r} is not a member location of this webdataset source")
+        entry = ref.member if ref.member is not None else self._index.get(ref.location)
         if entry is None:
-            url, sep, member = ref.location.rpartition("::")
-            if not sep or url not in self.urls:
-                raise FileNotFoundError(f"{ref.location!r} is not a member location of this webdataset source")
             if url not in self._indexed:
-                self._scan_tar(url)  # a fresh object (e.g. from config): index this tar once
+                self._scan_tar(url, index=True)  # a ref made elsewhere (location only): index this tar once
             entry = self._index.get(ref.location)
             if entry is None:
                 raise FileNotFoundError(f"member {member!r} not found in {url!r}")
-        url, offset, size = entry
+        offset, size = entry
         if offset < 0:
             raise NotRegularFileError(f"{ref.location!r} is a link or device member, not a regular file")
         if size > self.max_file_bytes:
@@ -575,6 +747,13 @@ class WebDatasetSource(Source):
 
     def _name(self) -> str:
         return f"webdataset ({len(self.urls)} shard(s), first {self.urls[0]!r})"
+
+
+def _wds_schema() -> dict[str, Any]:
+    import polars as pl
+
+    return {"uid": pl.String, "location": pl.String, "label": pl.String, "caption": pl.String, "size": pl.Int64,
+            "offset": pl.Int64}
 
 
 # ----------------------------------------------------------------------------------------------------------- tables
@@ -677,29 +856,29 @@ class TableSource(Source):
         if self.root is not None and not os.path.isdir(self.root):
             raise SourceError(f"table root {self.root!r} is not a directory")
 
-    def _scan(self) -> list[SampleRef]:
+    def _scan(self) -> Listing:
+        import polars as pl
+
         wanted = [c for c in (self.path_column, self.uid_column, self.label_column, self.caption_column) if c]
         table = _read_table(self.path, list(dict.fromkeys(wanted)))
-        paths = _column_as_str(table, self.path_column, self.path, allow_null=False)
-        uids = paths if self.uid_column is None else _column_as_str(table, self.uid_column, self.path, allow_null=False)
-        labels = _column_as_str(table, self.label_column, self.path, allow_null=True) if self.label_column else None
-        captions = _column_as_str(table, self.caption_column, self.path, allow_null=True) if self.caption_column else None
+        paths = _column_as_series(table, self.path_column, self.path, allow_null=False)
+        columns = {"uid": paths if self.uid_column is None else _column_as_series(table, self.uid_column, self.path, allow_null=False)}
+        for name, column in (("label", self.label_column), ("caption", self.caption_column)):
+            if column:
+                columns[name] = _column_as_series(table, column, self.path, allow_null=True)
+        del table
         base = self.root if self.root is not None else os.path.dirname(self.path)
         real_root = os.path.realpath(self.root) if self.root is not None else None
         if real_root is not None and self.follow_symlinks:
             real_root = os.path.normpath(self.root)  # paths are checked as written: `..` still cannot leave the root
-        refs = []
-        for i, (p, uid) in enumerate(zip(paths, uids)):
-            assert p is not None and uid is not None
-            refs.append(
-                SampleRef(
-                    uid=uid,
-                    location=self._resolve(p, base, real_root),
-                    label=labels[i] if labels is not None else None,
-                    caption=captions[i] if captions is not None else None,
-                )
-            )
-        return refs
+        # paths resolved (and checked against the root) one chunk of Python strings at a time
+        locations = [
+            pl.Series("location", [self._resolve(p, base, real_root) for p in chunk.to_list()], dtype=pl.String)
+            for chunk in (paths.slice(s, _CHUNK_ROWS) for s in range(0, len(paths), _CHUNK_ROWS))
+        ]
+        location = pl.concat(locations, rechunk=True) if locations else pl.Series("location", [], dtype=pl.String)
+        frame = pl.DataFrame([s.alias(name) for name, s in columns.items()]).with_columns(location)
+        return Listing(frame.select("uid", "location", *[c for c in ("label", "caption") if c in columns]))
 
     def _resolve(self, p: str, base: str, real_root: str | None) -> str:
         if real_root is None:
@@ -1035,19 +1214,19 @@ class PrecomputedSource(Source):
         self.scan_shards()
         return self._has_labels
 
-    def _scan(self) -> list[SampleRef]:
+    def _scan(self) -> Listing:
+        import polars as pl
+
         self.scan_shards()
-        return [
-            SampleRef(uid=uid, location=location, label=label, caption=caption)
-            for shard in range(len(self.emb_paths))
-            for uid, location, label, caption in self.shard_frame(shard).iter_rows()
-        ]
+        frames = [self.shard_frame(shard) for shard in range(len(self.emb_paths))]
+        return Listing(pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema=dict.fromkeys(
+            ("uid", "location", "label", "caption"), pl.String)))
 
     def shard_sizes(self) -> list[int]:
         """Rows per (embedding, metadata) file pair, in order (validated by scan_shards())."""
         return self.scan_shards()
 
-    def iter_shards(self) -> Iterator[tuple[list[SampleRef], np.ndarray]]:
+    def iter_shards(self) -> Iterator[tuple[Listing, np.ndarray]]:
         """Yields (refs, float32 embeddings) per shard pair, after validating every pair and uid up front.
 
         float32 files come back memory-mapped (no copy); other dtypes are converted one shard at a time.
