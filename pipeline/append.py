@@ -13,7 +13,10 @@ row under an old uid). Old rows keep their keep / weight / reason / dup_of / clu
 3. `semdedup`: inside each cluster holding new rows, a new row is dropped when it is within 1 − ε of any old row of the
    cluster (removed or not: the reference rule) or of a new row ranked before it (keep-hard: farther from the
    centroid first, ties by uid). ε is the step's `eps`, or the ε the previous version solved for its
-   target_keep_fraction.
+   target_keep_fraction. Old rows are compared only where a bound says they can be within 1 − ε
+   (scorers.cross_dedup.candidate_pairs: exact, never misses one), so a new row's score_semdedup counts old rows
+   only within the threshold: for a row that duplicates no old row it is its largest similarity to an earlier new
+   row of its cluster.
 4. every other step runs on the new rows alone (its ScoringContext holds only them), so a keep_fraction is a fraction of
    the new rows; DBP's quotas per cluster come from the complexity the previous version stored for that cluster
    (score_dbp_cluster_complexity, measured over all the rows it saw), from the new rows only for a cluster without one.
@@ -219,8 +222,10 @@ def _semdedup_new(emb: Any, cluster: np.ndarray, is_new: np.ndarray, new_idx: np
                   sim_new: np.ndarray, uid_rank: np.ndarray, centroids: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cross-run SemDeDup of the alive new rows against the old rows of the clusters they land in. Returns (dropped,
     original row, max sim), each over the new rows. The old rows are read in store order, block by block (long
-    sequential reads, not one read per row), and only those of clusters holding alive new rows."""
-    from scorers.cross_dedup import cross_semdedup
+    sequential reads, not one read per row), and only those of clusters holding alive new rows; they are compared
+    only where they can be within the threshold (scorers.cross_dedup.cross_semdedup_within, as pipeline.append_shards
+    does: the same decisions and max_sim)."""
+    from scorers.cross_dedup import candidate_pairs, cross_semdedup_within, project, projection
 
     m = len(new_idx)
     hit = np.zeros(m, dtype=bool)
@@ -233,8 +238,12 @@ def _semdedup_new(emb: Any, cluster: np.ndarray, is_new: np.ndarray, new_idx: np
     olds = np.flatnonzero(~is_new)
     olds = olds[np.isin(cluster[olds], touched)]
     step = max(1024, _READ_BYTES // (4 * max(1, int(centroids.shape[1]))))
-    blocks = ((np.asarray(emb[olds[s:s + step]]), cluster[olds[s:s + step]]) for s in range(0, len(olds), step))
-    is_dup, arg, best = cross_semdedup(np.asarray(emb[new_idx[members]]), cluster[new_idx[members]], blocks, eps=eps)
+    p = projection(int(centroids.shape[1]))
+    old_proj = (np.concatenate([project(np.asarray(emb[olds[s:s + step]], dtype=np.float32), p) for s in range(0, len(olds), step)])
+                if len(olds) else np.empty((0, len(p) + 1), np.float32))
+    x = np.asarray(emb[new_idx[members]], dtype=np.float32)
+    new_pos, old_pos = candidate_pairs(project(x, p), cluster[new_idx[members]], old_proj, cluster[olds], eps=eps)
+    is_dup, arg, best = cross_semdedup_within(x, cluster[new_idx[members]], new_pos, old_pos, emb[olds[old_pos]], eps=eps)
     max_sim[members] = best
     hit[members] = is_dup
     orig = np.full(len(members), -1, dtype=np.int64)

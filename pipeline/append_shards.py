@@ -10,7 +10,9 @@ reading only:
 
 A rows file (`versions/N/rows/<shard>.arrow`, Arrow IPC, memory-mapped) holds, for one store shard's live ok rows at
 version N in embedding-row order: uid, sha1, a 60-bit key of the sha1 (exact duplicates are matched on it, then on the
-sha1 itself), meta_row, emb_row and the row's cluster. Every version writes one per live shard (an untouched shard's
+sha1 itself), meta_row, emb_row, the row's cluster and its projection (scorers.cross_dedup.project: 16 numbers and
+a remainder) with which cross-run SemDeDup finds the old rows that can be within its threshold without reading the
+others' embeddings. Every version writes one per live shard (an untouched shard's
 is the previous version's, hard-linked, like its manifest part). Its schema metadata records the size, mtime and
 inode of the shard's meta and embedding files it was made from: a shard written again or changed by hand no longer
 matches, and the run takes pipeline.append's path, which reads and verifies every shard.
@@ -30,12 +32,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from scorers.cross_dedup import PROJECTION_NAME
+
 ROWS_DIR = "rows"
 # The columns of a store shard's manifest part, besides the score columns.
 SHARD_PART_COLUMNS = {"uid", "label", "location", "caption", "status", "keep", "weight", "cluster", "reason", "dup_of"}
 _STAT_KEY = b"winnow.shard_files"
-# Old rows are read for cross-run SemDeDup in blocks of this many bytes (as float32): pipeline.append's blocks.
-_READ_BYTES = 64 << 20
+_FORMAT_KEY = b"winnow.rows_projection"
 
 
 # ---- rows files ------------------------------------------------------------------------------------------------
@@ -60,15 +63,21 @@ def _shard_stat(store: Any, shard: int) -> str:
 
 def write_rows_file(path: Path, store: Any, shard: int, ok: pl.DataFrame, cluster: np.ndarray) -> None:
     """The rows file of one shard: `ok` = its live ok meta rows (uid, sha1, meta_row, emb_row) in embedding-row
-    order, `cluster` their clusters."""
+    order, `cluster` their clusters; their projections (scorers.cross_dedup.project) are computed from the shard's
+    embeddings."""
     import pyarrow as pa
 
+    from scorers.cross_dedup import project, projection
+
+    emb_rows = ok["emb_row"].cast(pl.Int64).to_numpy()
+    emb = store.read_embeddings(shard)
+    proj = project(np.asarray(emb[emb_rows], dtype=np.float32), projection(emb.shape[1]))
     table = pa.table({
         "uid": ok["uid"].to_arrow(), "sha1": ok["sha1"].to_arrow(),
         "key": pa.array(sha1_keys(ok["sha1"])), "meta_row": pa.array(ok["meta_row"].cast(pl.Int64).to_numpy()),
-        "emb_row": pa.array(ok["emb_row"].cast(pl.Int64).to_numpy()),
-        "cluster": pa.array(np.asarray(cluster, dtype=np.int32)),
-    }).replace_schema_metadata({_STAT_KEY: _shard_stat(store, shard).encode()})
+        "emb_row": pa.array(emb_rows), "cluster": pa.array(np.asarray(cluster, dtype=np.int32)),
+        "proj": pa.FixedSizeListArray.from_arrays(pa.array(proj.reshape(-1)), proj.shape[1]),
+    }).replace_schema_metadata({_STAT_KEY: _shard_stat(store, shard).encode(), _FORMAT_KEY: PROJECTION_NAME.encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -91,8 +100,8 @@ def rows_file_current(path: Path, store: Any, shard: int) -> bool:
     if not path.exists():
         return False
     with pa.memory_map(str(path)) as source:
-        recorded = (pa.ipc.open_file(source).schema.metadata or {}).get(_STAT_KEY, b"").decode()
-    return recorded == _shard_stat(store, shard)
+        meta = pa.ipc.open_file(source).schema.metadata or {}
+    return meta.get(_STAT_KEY, b"").decode() == _shard_stat(store, shard) and meta.get(_FORMAT_KEY) == PROJECTION_NAME.encode()
 
 
 def copy_rows_file(src: Path, dest: Path, shard: int, dead: np.ndarray | None) -> None:
@@ -217,7 +226,7 @@ def decide_by_shard(cfg: Any, store: Any, plan: AppendPlan) -> AppendByShard | N
     from pipeline.append import drift, stored_complexity
     from pipeline.index import nearest_centroid
     from pipeline.rows import StoreRows
-    from scorers.cross_dedup import cross_semdedup
+    from scorers.cross_dedup import candidate_pairs, cross_semdedup_within, project, projection
 
     inc = plan.info["incremental"]
     prev_generation = int(inc["store_generation"])
@@ -285,9 +294,20 @@ def decide_by_shard(cfg: Any, store: Any, plan: AppendPlan) -> AppendByShard | N
                 picks.append((keep, table.column("emb_row").to_numpy()[keep] + old_view.offsets[i], cluster[keep]))
             olds = np.concatenate([p[1] for p in picks]) if picks else np.empty(0, np.int64)
             old_cluster = np.concatenate([p[2] for p in picks]) if picks else np.empty(0, np.int32)
-            step_rows = max(1024, _READ_BYTES // (4 * max(1, int(plan.centroids.shape[1]))))
-            blocks = ((np.asarray(old_view[olds[s:s + step_rows]]), old_cluster[s:s + step_rows]) for s in range(0, len(olds), step_rows))
-            is_dup, arg, best = cross_semdedup(new_emb[members], cl_new[members], blocks, eps=float(eps))
+            width = len(projection(info_store.dim)) + 1
+            old_proj = np.empty((len(olds), width), dtype=np.float32)
+            at = 0
+            for (keep, _, _), table in zip(picks, old_rows):
+                values = table.column("proj").combine_chunks().flatten().to_numpy().reshape(-1, width)
+                old_proj[at:at + len(keep)] = values[keep]
+                at += len(keep)
+            # only old rows that can be within the threshold are read and compared (scorers.cross_dedup)
+            x = new_emb[members]
+            new_pos, old_pos = candidate_pairs(project(x, projection(info_store.dim)), cl_new[members], old_proj,
+                                               old_cluster, eps=float(eps))
+            del old_proj
+            is_dup, arg, best = cross_semdedup_within(x, cl_new[members], new_pos, old_pos, old_view[olds[old_pos]],
+                                                      eps=float(eps))
             max_sim = np.full(m, -np.inf, dtype=np.float32)
             max_sim[members] = best
             hit = np.zeros(m, dtype=bool)

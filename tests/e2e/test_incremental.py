@@ -254,3 +254,24 @@ def test_append_links_untouched_parts_and_matches_a_full_rewrite(digits, tmp_pat
     dbp = next(note for note in info["steps"] if note["scorer"] == "dbp")  # quotas from the stored complexity
     assert dbp["complexity_from"].startswith("previous version for ")
     assert read_manifest(version_dir(cfg.run_dir, 1)).height == 300  # earlier versions stay readable
+
+
+def test_a_changed_store_shard_is_read_again_then_appends_go_by_shard(digits, tmp_path):
+    """A store shard's meta touched after its rows file was made (another mtime): the next append run does not trust
+    the rows file, reads and verifies every shard (pipeline.append's path), and writes fresh rows files, so the run after
+    goes by shard again."""
+    root = tmp_path / "data"
+    _folder(digits, root, 200)
+    steps = [{"scorer": "exact_dup"}, {"scorer": "semdedup", "eps": 0.002}]
+    cfg = _cfg(root, tmp_path / "runs", steps=steps, **{"embed.shard_size": 100, "incremental": {"mode": "append"}})
+    run_in_process(cfg)
+    store = EmbeddingStore(cfg.store_path)
+    meta = store.meta_path(store.shards()[0])
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 1_000_000))
+    _folder(digits, root, 20, start=200)
+    info = run_in_process(cfg)
+    assert "index" in info["timings_s"] and info["incremental"]["new_rows"] == 20
+    _folder(digits, root, 20, start=220)
+    info = run_in_process(cfg)
+    assert "index" not in info["timings_s"] and info["incremental"]["new_rows"] == 20
+    assert read_manifest(cfg.run_dir).height == 240 and info["delta"]["added"] == 20

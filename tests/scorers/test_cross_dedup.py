@@ -65,3 +65,43 @@ def test_first_new_row_without_old_rows_has_no_earlier():
     rng = np.random.default_rng(1)
     is_dup, dup_of, best = cross_semdedup(_unit(rng, 2), np.zeros(2, dtype=np.int32), [], eps=0.5)
     assert best[0] == -np.inf and dup_of[0] == -1 and not is_dup[0]
+
+
+def test_within_threshold_matches_every_decision_of_the_full_comparison():
+    """candidate_pairs + cross_semdedup_within against cross_semdedup over every old row: the same duplicates, the
+    same dup_of (ties to the first old row), the same max_sim for duplicates; clustered float16 data in d = 64 with
+    planted near copies at several distances around the threshold; the candidate bound never misses a pair."""
+    from scorers.cross_dedup import candidate_pairs, cross_semdedup_within, project, projection
+
+    rng = np.random.default_rng(3)
+    d, k, eps = 64, 5, 0.01
+    centres = _unit(rng, k, d)
+    old_cl = rng.integers(0, k, size=3000)
+    old = centres[old_cl] + 0.15 * rng.normal(size=(3000, d)).astype(np.float32)
+    old = (old / np.linalg.norm(old, axis=1, keepdims=True)).astype(np.float16)  # the store's dtype
+    old[2500] = old[100]  # a tie among old rows: the first is named
+    picks = rng.choice(3000, size=60, replace=False)
+    picks[0] = 100
+    noise = rng.uniform(0.02, 0.2, size=(60, 1)) * rng.normal(size=(60, d)) / np.sqrt(d)  # cos ≈ 1 - s²/2, around 1 - eps
+    fresh_cl = rng.integers(0, k, size=200)
+    fresh = centres[fresh_cl] + 0.15 * rng.normal(size=(200, d))
+    new = np.concatenate([old[picks].astype(np.float64) + noise, fresh])
+    new[150] = new[149] + 1e-3  # a duplicate of an earlier new row
+    new = (new / np.linalg.norm(new, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    new_cl = np.concatenate([old_cl[picks], fresh_cl])
+    new_cl[150] = new_cl[149]
+    full = cross_semdedup(new, new_cl, [(old, old_cl)], eps=eps)
+    p = projection(d)
+    assert np.allclose(p @ p.T, np.eye(len(p)), atol=1e-12)
+    old32 = old.astype(np.float32)
+    new_pos, old_pos = candidate_pairs(project(new, p), new_cl, project(old32, p), old_cl, eps=eps)
+    every = new @ old32.T
+    within = (every > 1 - eps) & (new_cl[:, None] == old_cl[None, :])
+    pairs = set(zip(new_pos.tolist(), old_pos.tolist()))
+    assert set(zip(*np.nonzero(within))) <= pairs  # no pair within the threshold is ever left out
+    assert len(pairs) < 0.01 * within.size  # and the bound prunes nearly everything else
+    is_dup, dup_of, best = cross_semdedup_within(new, new_cl, new_pos, old_pos, old32[old_pos], eps=eps)
+    assert (is_dup == full[0]).all() and 20 < is_dup.sum() < 61
+    assert (dup_of == full[1]).all() and dup_of[0] == 100
+    assert np.allclose(best[is_dup], full[2][is_dup], atol=1e-6)
+    assert (best[~is_dup] <= 1 - eps).all()
