@@ -964,29 +964,6 @@ def _expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     return sorted(os.path.abspath(p) for p in dict.fromkeys(out))
 
 
-def _repeated_hashes(hashes: list[np.ndarray], fresh: list[bool], *, known_unique: bool) -> np.ndarray:
-    """The uid hashes that occur more than once over all files (each file's hashes sorted).
-
-    ``known_unique``: the files not ``fresh`` were checked unique together before, so only the fresh files' hashes are
-    counted among themselves and looked up in each other file by binary search (a memory-mapped file is touched in
-    O(log rows) pages); otherwise every hash is counted.
-    """
-    if not known_unique:
-        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
-        unique, counts = np.unique(all_hashes, return_counts=True)
-        return unique[counts > 1]
-    new = [h for h, f in zip(hashes, fresh) if f]
-    if not new:
-        return np.empty(0, np.uint64)
-    unique, counts = np.unique(np.concatenate(new), return_counts=True)
-    repeated = [unique[counts > 1]]
-    for h, f in zip(hashes, fresh):
-        if not f and len(h):
-            pos = np.minimum(np.searchsorted(h, unique), len(h) - 1)
-            repeated.append(unique[np.asarray(h[pos]) == unique])
-    return np.unique(np.concatenate(repeated))
-
-
 class PrecomputedSource(Source):
     """Precomputed embeddings in the LAION/DataComp layout: ``img_emb/img_emb_0000.npy`` + row-aligned
     ``metadata/metadata_0000.parquet``, optionally + caption embeddings ``text_emb_paths`` (same dimension as the image
@@ -1163,10 +1140,9 @@ class PrecomputedSource(Source):
 
         Holds one uid column at a time plus the uids' 64-bit hashes (8 bytes a row); only uids whose hash repeats
         are compared as strings. Cached, like refs().
-        With ``cache_dir`` (pipeline.uid_cache), a file pair whose files have the sizes and mtimes of an earlier
-        successful scan is not read again: its sorted uid hashes come from the cache, and when the earlier scan checked
-        every such file unique together, only the new or changed files' hashes are compared with the others (binary
-        search), so the scan costs O(changed files) reads.
+        With ``cache_dir`` (pipeline.uid_cache), a file pair whose files have the paths, sizes and mtimes of an
+        earlier successful scan is not read again; when that scan checked all such files unique together, only the new
+        or changed files' uid hashes are looked up (binary search) in the sorted hashes it kept.
         """
         import polars as pl
 
@@ -1177,35 +1153,54 @@ class PrecomputedSource(Source):
         cache = UidHashCache(cache_dir)
         names: list[str] = []
         sizes: list[int] = []
-        hashes: list[np.ndarray] = []  # sorted, per file pair
-        fresh: list[bool] = []
+        fresh: dict[int, np.ndarray] = {}  # sorted uid hashes of the file pairs read in this scan, by position
         labelled = False
         for shard in range(len(self.emb_paths)):
             name = self._cache_name(shard) if cache_dir is not None else ""
-            hit = cache.lookup(name) if cache_dir is not None else None
-            if hit is not None:
-                h, entry = hit
-                rows, has_label = int(entry["rows"]), bool(entry["labelled"])
-            else:
+            entry = cache.lookup(name) if cache_dir is not None else None
+            if entry is None:
                 frame = self.shard_frame(shard)
                 h = np.sort(frame["uid"].hash(seed=0).to_numpy())
-                rows, has_label = frame.height, frame["label"].null_count() < frame.height
-                cache.add(name, h, rows=rows, labelled=has_label)
+                entry = {"rows": frame.height, "labelled": frame["label"].null_count() < frame.height}
+                cache.add(name, h, **entry)
+                fresh[shard] = h
             names.append(name)
-            sizes.append(rows)
-            hashes.append(h)
-            fresh.append(hit is None)
-            labelled = labelled or has_label
-        repeated = _repeated_hashes(hashes, fresh, known_unique=cache.verified() >= {n for n, f in zip(names, fresh) if not f})
+            sizes.append(int(entry["rows"]))
+            labelled = labelled or bool(entry["labelled"])
+
+        def hashes(shard: int) -> np.ndarray:
+            h = fresh.get(shard)
+            if h is None:
+                h = cache.hashes(names[shard])
+            if h is None:  # a damaged cache entry: read the file again (and rewrite the entry)
+                frame = self.shard_frame(shard)
+                h = fresh[shard] = np.sort(frame["uid"].hash(seed=0).to_numpy())
+                cache.add(names[shard], h, rows=frame.height, labelled=frame["label"].null_count() < frame.height)
+            return h
+
+        new = np.sort(np.concatenate(list(fresh.values()))) if fresh else np.empty(0, np.uint64)
+        earlier = cache.checked(names) if cache_dir is not None else None
+        if earlier is None:  # no earlier check to build on: every file's hashes
+            parts = [hashes(shard) for shard in range(len(names))]
+            checked = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+            repeated = np.unique(checked[1:][checked[1:] == checked[:-1]])
+            write: np.ndarray | None = checked
+        else:  # the earlier check's hashes (less those of files changed or gone), and the new files' looked up in them
+            old, gone = earlier
+            repeated = np.unique(new[1:][new[1:] == new[:-1]])
+            if len(old) and len(new):
+                pos = np.minimum(np.searchsorted(old, new), len(old) - 1)
+                repeated = np.union1d(repeated, new[old[pos] == new])
+            write = np.insert(old, np.searchsorted(old, new), new) if len(new) or gone else None
         if len(repeated):  # a repeated hash is a repeated uid or (rarely) a collision: compare those uids exactly
             suspects = []
-            for shard, h in enumerate(hashes):
-                if np.isin(repeated, h).any():
+            for shard in range(len(names)):
+                if np.isin(repeated, hashes(shard)).any():
                     frame = self.shard_frame(shard)
                     suspects.append(frame.filter(pl.Series(np.isin(frame["uid"].hash(seed=0).to_numpy(), repeated)))["uid"])
             check_unique_uids(pl.concat(suspects).to_list())
         if cache_dir is not None:
-            cache.commit(names)
+            cache.commit(names, write)
         self._shard_sizes, self._has_labels = sizes, labelled
         return list(sizes)
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.sources as sources
-from pipeline.sources import DuplicateUidError, PrecomputedSource, _repeated_hashes
-from pipeline.uid_cache import INDEX_FILE
+from pipeline.sources import DuplicateUidError, PrecomputedSource
+from pipeline.uid_cache import CACHE_VERSION, CHECKED_FILE, INDEX_FILE, UidHashCache
 
 
 def _write(root: Path, name: str, keys: list[str], *, label: str | None = None) -> None:
@@ -65,7 +65,7 @@ def test_grown_source_reads_only_new_and_changed_files(tmp_path: Path, reads: li
     (data / "emb" / "f0.npy").unlink()
     (data / "meta" / "f0.parquet").unlink()
     assert _source(data, label_column="label").scan_shards(cache_dir=cache) == [40, 50, 20] and reads == []
-    assert len(list(cache.glob("*.npy"))) == 3  # the removed file's entry is deleted
+    assert len([p for p in cache.glob("*.npy") if p.name != CHECKED_FILE]) == 3  # the removed file's entry is deleted
     # the same result as without a cache
     assert _source(data, label_column="label").scan_shards() == [40, 50, 20]
 
@@ -92,13 +92,15 @@ def test_damaged_cache_is_a_full_read(tmp_path: Path, reads: list[str]) -> None:
     _write(data, "f0", ["a", "b"])
     _write(data, "f1", ["c", "d", "e"])
     _source(data).scan_shards(cache_dir=cache)
-    next(cache.glob("*.npy")).write_bytes(b"not an array")
+    next(p for p in cache.glob("*.npy") if p.name != CHECKED_FILE).write_bytes(b"not an array")
     reads.clear()
-    assert _source(data).scan_shards(cache_dir=cache) == [2, 3] and len(reads) == 1  # the damaged entry's file only
+    assert _source(data).scan_shards(cache_dir=cache) == [2, 3] and reads == []  # nothing changed: the entry is not needed
+    (cache / CHECKED_FILE).write_bytes(b"damaged too")
+    assert _source(data).scan_shards(cache_dir=cache) == [2, 3] and len(reads) == 1  # full check: the damaged entry's file
     (cache / INDEX_FILE).write_text("{not json")
     reads.clear()
     assert _source(data).scan_shards(cache_dir=cache) == [2, 3] and len(reads) == 2
-    assert json.loads((cache / INDEX_FILE).read_text())["v"] == 1  # rewritten
+    assert json.loads((cache / INDEX_FILE).read_text())["v"] == CACHE_VERSION  # rewritten
 
 
 def test_duplicates_between_cached_files_are_found_without_a_verified_record(tmp_path: Path) -> None:
@@ -117,12 +119,38 @@ def test_duplicates_between_cached_files_are_found_without_a_verified_record(tmp
         _source(data).scan_shards(cache_dir=cache)
 
 
-def test_repeated_hashes_paths_agree() -> None:
-    rng = np.random.default_rng(0)
-    files = [np.sort(rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)) for _ in range(5)]
-    files[4] = np.sort(np.concatenate([files[4][:-3], files[1][[5, 9]], files[4][:1]]))  # 2 across, 1 within
-    full = _repeated_hashes(files, [False] * 5, known_unique=False)
-    assert len(full) == 3
-    # the first four files checked before: only the fifth is compared, by binary search
-    np.testing.assert_array_equal(_repeated_hashes(files, [False, False, False, False, True], known_unique=True), full)
-    assert len(_repeated_hashes(files[:4], [False] * 4, known_unique=True)) == 0
+def test_unchanged_files_cache_entries_are_not_read_either(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for f in range(4):
+        _write(data, f"f{f}", [f"u{f}_{i}" for i in range(25)])
+    _source(data).scan_shards(cache_dir=cache)
+    checked = np.load(cache / CHECKED_FILE)
+    assert len(checked) == 100 and (np.diff(checked.astype(np.float64)) >= 0).all()
+    opened: list[str] = []
+    real = UidHashCache.hashes
+
+    def counting(self, name):
+        opened.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(UidHashCache, "hashes", counting)
+    _write(data, "f4", [f"u4_{i}" for i in range(10)])
+    (data / "emb" / "f2.npy").unlink()
+    (data / "meta" / "f2.parquet").unlink()
+    assert _source(data).scan_shards(cache_dir=cache) == [25, 25, 25, 10]
+    assert len(opened) == 1  # the gone file's entry, to take its hashes out; none of the unchanged files'
+    assert len(np.load(cache / CHECKED_FILE)) == 85
+    with pytest.raises(DuplicateUidError, match="'u3_7'"):  # still exact against the unchanged files
+        _write(data, "f5", ["u3_7"])
+        _source(data).scan_shards(cache_dir=cache)
+
+
+def test_a_scan_stopped_between_writes_is_a_full_check(tmp_path: Path) -> None:
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    _write(data, "f0", ["a", "b"])
+    _write(data, "f1", ["c", "d"])
+    _source(data).scan_shards(cache_dir=cache)
+    np.save(cache / CHECKED_FILE, np.sort(np.array([1, 2, 3, 4], dtype=np.uint64)))  # not what the index recorded
+    _write(data, "f2", ["a"])
+    with pytest.raises(DuplicateUidError, match="'a'"):
+        _source(data).scan_shards(cache_dir=cache)
