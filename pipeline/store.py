@@ -562,12 +562,24 @@ class EmbeddingStore:
         return empty if columns is None else empty.select(columns)
 
     def fingerprint(self) -> str:
-        """A hash of store.json, the catalog and every live shard's metadata, to tie a manifest to the exact input."""
+        """A hash of store.json, the catalog and every live shard's metadata, to tie a manifest to the exact input.
+
+        A meta shard counts by the content digest written in its footer (checked against its rows whenever they are
+        read), so only footers are read, not every shard's bytes; a file without one (hand-written) by its bytes."""
+        import pyarrow.parquet as pq
+
+        from pipeline.checked_parquet import DIGEST_KEY
+
         digest = hashlib.sha256(self.info_path.read_bytes())
         if self.catalog_path.exists():
             digest.update(self.catalog_path.read_bytes())
         for shard in self.shards():
-            digest.update(self.meta_path(shard).read_bytes())
+            path = self.meta_path(shard)
+            try:
+                content = (pq.read_schema(path).metadata or {}).get(DIGEST_KEY.encode())
+            except Exception:  # noqa: BLE001 - unreadable footer: its bytes still identify it
+                content = None
+            digest.update(b"digest:" + content if content else path.read_bytes())
         return digest.hexdigest()[:16]
 
 
