@@ -299,7 +299,7 @@ def decide_by_shard(cfg: Any, store: Any, plan: AppendPlan) -> AppendByShard | N
             at = 0
             for (keep, _, _), table in zip(picks, old_rows):
                 values = table.column("proj").combine_chunks().flatten().to_numpy().reshape(-1, width)
-                old_proj[at:at + len(keep)] = values[keep]
+                old_proj[at:at + len(keep)] = values if len(keep) == len(values) else values[keep]
                 at += len(keep)
             # only old rows that can be within the threshold are read and compared (scorers.cross_dedup)
             x = new_emb[members]
@@ -415,9 +415,11 @@ def _first_same_sha1(new_sha1: pl.Series, new_uids: pl.Series, old_rows: list[An
         at = np.minimum(np.searchsorted(wanted, old_keys), max(len(wanted) - 1, 0))
         hit = np.flatnonzero(wanted[at] == old_keys) if len(wanted) else np.empty(0, np.int64)
         if len(hit):
-            olds.append(pl.from_arrow(table.select(["uid", "sha1"]).take(hit)))
+            olds.append(table.select(["uid", "sha1"]).take(hit))
     new = pl.DataFrame({"uid": new_uids, "sha1": new_sha1, "pos": np.arange(m, dtype=np.int64)}).filter(pl.col("sha1").is_not_null())
-    old = (pl.concat(olds) if olds else pl.DataFrame(schema={"uid": pl.String, "sha1": pl.String})).filter(
+    import pyarrow as pa
+
+    old = (pl.from_arrow(pa.concat_tables(olds)) if olds else pl.DataFrame(schema={"uid": pl.String, "sha1": pl.String})).filter(
         pl.col("sha1").is_in(new["sha1"].implode()))
     first_old = old.sort("uid").group_by("sha1", maintain_order=True).agg(pl.col("uid").first().alias("first_old"))
     first_new = new.sort("uid").group_by("sha1", maintain_order=True).agg(pl.col("pos").first().alias("first_new"))

@@ -180,8 +180,8 @@ def write_append_manifest(cfg: CurateConfig, store: EmbeddingStore, result: Any,
             call["columns"] = result.columns[shard]
         elif shard in kept_parts:
             call.update(frame=kept_parts[shard], rows_from=plan.folder / ROWS_DIR / f"{shard:05d}.arrow", dead=plan.dead)
-        else:
-            call["reuse"] = str(previous_parts / plan.parts[str(shard)])
+        else:  # plan_append checked its rows file
+            call.update(reuse=str(previous_parts / plan.parts[str(shard)]), rows_current=True)
         calls.append(call)
     if missing.height:
         calls.append({"store_root": None, "shard": -1, "columns": {}, "uid_file": None, "index": len(calls),
@@ -264,14 +264,15 @@ def missing_rows(run_dir: Path, store: EmbeddingStore) -> pl.DataFrame:
 def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict[str, np.ndarray], uid_file: Path | None, path: Path,
                         missing: pl.DataFrame | None = None, score_columns: list[str] | None = None, reuse: str | None = None,
                         rows_path: Path | None = None, frame: pl.DataFrame | None = None, rows_from: Path | None = None,
-                        dead: np.ndarray | None = None) -> int:
+                        dead: np.ndarray | None = None, rows_current: bool = False) -> int:
     """One store shard's manifest rows, sorted by uid: its live ok rows with their scored columns (dup_of row numbers
     named by uid), its live unusable rows as reason bad_input. With `missing` (shard -1): those rows, reason
     `missing`, with the same columns as the shard parts. Validated and written to `path`; returns the rows.
     With `reuse` (reusable_parts): the previous version's identical part, hard-linked (published versions are never
     modified, so both versions may share the file), copied where links are not possible.
     `rows_path`: also write the shard's rows file there (pipeline.append_shards). With `frame` (append by shard, a
-    shard tombstoned since): that part, already built, and the rows file `rows_from` less the rows in `dead`."""
+    shard tombstoned since): that part, already built, and the rows file `rows_from` less the rows in `dead`.
+    `rows_current`: the previous rows file was checked against the shard's files already (pipeline.append_shards)."""
     from pipeline.append_shards import link_or_copy, rows_file_current, write_rows_file
     from pipeline.manifest import conform, validate, write_part
 
@@ -282,7 +283,7 @@ def build_manifest_part(store_root: str | Path | None, shard: int, columns: dict
         if rows_path is not None:  # the shard's rows file: the previous version's, or made once from its part
             previous_rows = Path(reuse).parent.parent / ROWS_DIR / f"{shard:05d}.arrow"
             store = EmbeddingStore(store_root)
-            if rows_file_current(previous_rows, store, shard):
+            if rows_current or rows_file_current(previous_rows, store, shard):
                 link_or_copy(previous_rows, rows_path)
             else:
                 ok = store.live_meta(shard).filter(pl.col("status") == "ok").with_row_index("_i")

@@ -79,6 +79,7 @@ PROJECTION_NAME = f"dct{PROJECTION_DIMS}"  # recorded with persisted projections
 # Added to the candidate bound: covers float32 rounding in the projections, the bound's product and the products the
 # decisions are made with (each below 1e-4), so no row within the threshold is ever left out.
 _SLACK = 1e-3
+_BLOCK = 4096  # old rows per bound product
 
 
 def projection(dim: int, dims: int = PROJECTION_DIMS) -> np.ndarray:
@@ -110,12 +111,16 @@ def candidate_pairs(new_proj: np.ndarray, new_clusters: np.ndarray, old_proj: np
     dims = new_proj.shape[1] - 1
     limit = np.float32(2.0 - 2.0 * eps - _SLACK)
     new_aug = np.hstack([2.0 * new_proj[:, :dims], new_proj[:, dims:], np.ones((len(new_proj), 1), np.float32)])
-    order = np.argsort(np.asarray(old_clusters), kind="stable")  # each cluster's old rows contiguous, in order
-    old_aug = np.empty((len(order), dims + 2), dtype=np.float32)
-    old_aug[:, :dims] = old_proj[order, :dims]
-    old_aug[:, dims] = 1.0
-    old_aug[:, dims + 1] = old_proj[order, dims]
-    ids, starts = np.unique(np.asarray(old_clusters)[order], return_index=True)
+    old_clusters = np.asarray(old_clusters)
+    small = old_clusters.astype(np.int16) if len(old_clusters) and 0 <= old_clusters.min() and old_clusters.max() < 2**15 else old_clusters
+    order = np.argsort(small, kind="stable")  # each cluster's old rows contiguous, in order (radix sort on int16)
+    old_aug = np.empty((dims + 2, len(order)), dtype=np.float32)  # columns = old rows: each block a contiguous slice
+    sorted_proj = old_proj[order]
+    old_aug[:dims] = sorted_proj[:, :dims].T
+    old_aug[dims] = 1.0
+    old_aug[dims + 1] = sorted_proj[:, dims]
+    del sorted_proj
+    ids, starts = np.unique(old_clusters[order], return_index=True)
     stops = np.append(starts[1:], len(order))
     span = {int(c): (int(a), int(b)) for c, a, b in zip(ids, starts, stops)}
     out_new, out_old = [], []
@@ -124,9 +129,9 @@ def candidate_pairs(new_proj: np.ndarray, new_clusters: np.ndarray, old_proj: np
             continue
         a = new_aug[rows]
         lo, hi = span[c]
-        for start in range(lo, hi, 16384):  # bounded memory: rows × 16k bounds at a time
-            stop = min(hi, start + 16384)
-            bound = a @ old_aug[start:stop].T
+        for start in range(lo, hi, _BLOCK):  # a block of bounds stays in cache for the row max that follows
+            stop = min(hi, start + _BLOCK)
+            bound = a @ old_aug[:, start:stop]
             hit = np.flatnonzero(bound.max(axis=1) > limit)  # one pass; the few rows with a candidate are scanned again
             if len(hit):
                 i, j = np.nonzero(bound[hit] > limit)
