@@ -220,6 +220,11 @@ class TensorResizeCrop:
     notes) and differ from Pillow by at most 1 grey level. Picklable (runs in DataLoader workers).
     """
 
+    # Imported in __call__ (keeps torchvision out of processes that never embed); the worker forkserver preloads them
+    # (pipeline.embed.loop._modules_of): imported in each worker instead, they cost 5-13 s per worker per shard
+    # (torchvision pulls in torch._dynamo), measured on the shared 2-core machine.
+    worker_imports = ("torchvision.transforms", "torchvision.transforms.v2.functional")
+
     def __init__(self, size: int, interpolation: str = "bicubic") -> None:
         self.size, self.interpolation = size, interpolation
 

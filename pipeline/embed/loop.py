@@ -197,7 +197,8 @@ def _worker_init(_: int) -> None:
 
 
 def _modules_of(*objects: Any) -> list[str]:
-    """The modules defining the classes of `objects` and of the stages inside a torchvision Compose."""
+    """The modules defining the classes of `objects` and of the stages inside a torchvision Compose, and those an
+    object says it imports when called (`worker_imports`)."""
     found: list[str] = []
     for obj in objects:
         for part in [obj, *getattr(obj, "transforms", [])]:
@@ -205,8 +206,9 @@ def _modules_of(*objects: Any) -> list[str]:
             module = getattr(part if is_function else type(part), "__module__", None)
             if isinstance(part, functools.partial):
                 module = getattr(part.func, "__module__", None)
-            if module and module not in found and module != "builtins":
-                found.append(module)
+            for name in [module, *getattr(part, "worker_imports", ())]:
+                if name and name not in found and name != "builtins":
+                    found.append(name)
     return found
 
 
@@ -223,10 +225,15 @@ def _worker_context(*shipped: Any) -> multiprocessing.context.BaseContext:
     when the server starts, i.e. at the first call in a process.
     """
     ctx = multiprocessing.get_context("forkserver")
-    # worker_group first: it moves the server, and so every worker, out of the terminal's process group (see there)
-    ctx.set_forkserver_preload(["pipeline.embed.worker_group", "__main__", "torch", "PIL.Image", "pipeline.embed",
-                                *_modules_of(*shipped)])
+    ctx.set_forkserver_preload(worker_preload(*shipped))
     return ctx
+
+
+def worker_preload(*shipped: Any) -> list[str]:
+    """The modules the workers' forkserver imports once, in order: everything a worker needs for its first item
+    (tests/pipeline/test_worker_imports.py checks that a worker imports nothing more)."""
+    # worker_group first: it moves the server, and so every worker, out of the terminal's process group (see there)
+    return ["pipeline.embed.worker_group", "__main__", "torch", "PIL.Image", "pipeline.embed", *_modules_of(*shipped)]
 
 
 def embed_refs(
