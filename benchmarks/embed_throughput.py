@@ -63,13 +63,19 @@ TINY_NAME = "winnow-tiny-bench"
 
 
 def register_tiny() -> str:
+    import importlib.util
+
     import open_clip
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import TINY_CLIP_CONFIG  # the one tiny config the tests use
-
+    # The one tiny config the tests use, read from tests/conftest.py without putting tests/ on sys.path: the embedding
+    # workers' forkserver inherits sys.path, and tests/pipeline would shadow the `pipeline` package there (its preload
+    # then failed and every worker imported torch and torchvision itself: seconds per shard).
+    spec = importlib.util.spec_from_file_location("winnow_tests_conftest", REPO / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
     path = Path(tempfile.mkdtemp()) / f"{TINY_NAME}.json"
-    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    path.write_text(json.dumps(conftest.TINY_CLIP_CONFIG))
     open_clip.add_model_config(path)
     return TINY_NAME
 
