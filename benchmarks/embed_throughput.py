@@ -225,6 +225,9 @@ def bench_model(
     out["encoder_idle_frac"] = round(best["wait"] / best["total"], 4)
     out["encoder_idle_after_first_frac"] = round((best["wait"] - best["first_batch"]) / best["total"], 4)
     out["loader_idle_frac"] = round(max(0.0, 1.0 - best["loader_busy"] / (max(workers, 1) * best["total"])), 4)
+    # batches the encoder ran on the cores the workers leave (pipeline.embed.loop.CpuThreadShare: the loader was slower)
+    out["e2e_batches_on_shared_threads"] = int(best.get("batches_on_shared_threads", 0))
+    out["e2e_batches"] = -(-n // batch)
     return out
 
 

@@ -410,7 +410,7 @@ def test_embed_refs_records_bad_files_and_keeps_order(tiny_clip: ClipEmbedder, m
     assert shard.embeddings.shape == (len(refs) - len(BAD), 32) and shard.embeddings.dtype == np.float32
     assert shard.status_counts() == {"ok": len(refs) - 3, "empty": 1, "not_image": 1, "corrupt": 1}
     t = shard.timings
-    assert set(t) == {"wait", "first_batch", "encode", "device_decode", "loader_busy", "total"}
+    assert set(t) == {"wait", "first_batch", "encode", "device_decode", "loader_busy", "total", "batches_on_shared_threads"}
     assert 0 < t["encode"] < t["total"] and 0 < t["first_batch"] <= t["wait"] < t["total"]
     assert t["device_decode"] == 0 and 0 < t["loader_busy"]  # cpu decode path: all decoding in the workers
     assert all("_seconds" not in row for row in shard.meta)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.embed import ClipEmbedder, PixelsEmbedder
@@ -78,3 +79,46 @@ def test_pixels_worker_first_item_imports_nothing(jpeg_folder: Path, tmp_path: P
     result = _first_item_imports(dataset, worker_preload(source, emb.preprocess, image_stats), tmp_path)
     assert result["status"] == "ok" and result["has_pixels"]
     assert result["new_modules"] == []
+
+
+def test_cpu_encoder_leaves_the_workers_their_cores_only_while_it_waits() -> None:
+    from pipeline.embed.loop import CpuThreadShare, available_cpus
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cpus() + 2)  # more threads than the workers leave, whatever the machine
+    try:
+        full = torch.get_num_threads()
+        share = CpuThreadShare(torch.device("cpu"), num_workers=available_cpus())
+        assert share.active and share.shared == 1
+        share.after_batch(waited=0.5, encoded=0.01)  # the encoder waited: the loader is the slower side
+        assert torch.get_num_threads() == 1
+        share.after_batch(waited=0.5, encoded=0.01)
+        assert torch.get_num_threads() == 1
+        share.after_batch(waited=0.0001, encoded=0.5)  # a batch was ready: the encoder is the slower side
+        assert torch.get_num_threads() == full
+        share.after_batch(waited=0.5, encoded=0.01)
+        share.restore()
+        assert torch.get_num_threads() == full
+        # no workers, or another device: the encoder's threads are never touched
+        for device, workers in ((torch.device("cpu"), 0), (torch.device("cuda"), available_cpus())):
+            other = CpuThreadShare(device, num_workers=workers)
+            other.after_batch(waited=0.5, encoded=0.01)
+            assert not other.active and torch.get_num_threads() == full
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_embed_refs_gives_the_encoder_its_threads_back(tiny_clip_model: str, jpeg_folder: Path) -> None:
+    from pipeline.embed import embed_refs
+
+    emb = ClipEmbedder(tiny_clip_model, None, device="cpu")
+    source = ImageFolderSource(jpeg_folder)
+    before = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        shard = embed_refs(source, source.refs() * 20, emb, batch_size=2, num_workers=2)
+        assert shard.n_ok == 60
+        assert torch.get_num_threads() == 5
+        assert 0 <= shard.timings["batches_on_shared_threads"] <= 29  # never the first batch (the workers' start)
+    finally:
+        torch.set_num_threads(before)
