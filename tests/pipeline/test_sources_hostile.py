@@ -266,3 +266,22 @@ def test_unlistable_folder_is_reported_real_permissions(tmp_path: Path) -> None:
         assert src.unlisted_folders() == [{"path": str(blocked), "why": "Permission denied"}]
     finally:
         blocked.chmod(0o755)
+
+
+def test_resolved_equals_realpath_for_files_folders_and_links(tmp_path: Path) -> None:
+    from pipeline.sources import _resolved
+
+    folders: dict[str, str] = {}
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"x")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(b"a")
+    (root / "link.jpg").symlink_to(outside / "secret.jpg")  # a file link out of the root
+    (root / "linked_dir").symlink_to(outside)  # a folder link out of the root
+    (root / "sub" / "inner.jpg").symlink_to(root / "sub" / "a.jpg")
+    for p in (root / "sub" / "a.jpg", root / "link.jpg", root / "linked_dir" / "secret.jpg", root / "sub" / "inner.jpg",
+              root / "sub" / ".." / "sub" / "a.jpg"):
+        assert _resolved(str(p)) == _resolved(str(p), folders) == os.path.realpath(p)

@@ -116,7 +116,7 @@ def test_embed_refs_gives_the_encoder_its_threads_back(tiny_clip_model: str, jpe
     before = torch.get_num_threads()
     torch.set_num_threads(5)
     try:
-        shard = embed_refs(source, source.refs() * 20, emb, batch_size=2, num_workers=2)
+        shard = embed_refs(source, list(source.refs()) * 20, emb, batch_size=2, num_workers=2)
         assert shard.n_ok == 60
         assert torch.get_num_threads() == 5
         assert 0 <= shard.timings["batches_on_shared_threads"] <= 29  # never the first batch (the workers' start)
