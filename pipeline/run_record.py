@@ -70,9 +70,7 @@ def write_curate_manifest(
     built by a task from its shard's live meta and its slice of the scored columns, plus one part for the previous
     version's rows whose samples are gone (reason `missing`); run.json, the centroids and changes.parquet beside them.
     Returns the manifest path (<run>/manifest.parquet, the latest version) and the counts written to run.json."""
-    from pipeline.append import CENTROIDS_FILE
-    from pipeline.manifest import MANIFEST_FILE, commit_manifest
-    from pipeline.versions import publish
+    from pipeline.manifest import MANIFEST_FILE
 
     previous = previous_run_record(cfg.run_dir)
     missing = missing_rows(cfg.run_dir, store)
@@ -102,16 +100,7 @@ def write_curate_manifest(
         calls.append({"store_root": None, "shard": -1, "columns": {}, "uid_file": None, "index": len(calls),
                       "missing": missing, "score_columns": scores})
 
-    def write(folder: Path, version: int) -> None:
-        # run.json is made once the parts are written, so it holds the manifest stage's time up to its own writing
-        def info() -> dict[str, Any]:
-            return {**run_info(cfg, store, counts, notes, stats), "incremental": record, "version": version}
-
-        with_rows = [c if c["shard"] < 0 else {**c, "rows_path": folder / ROWS_DIR / f"{c['shard']:05d}.arrow"} for c in calls]
-        commit_manifest(folder, info, build_manifest_part, with_rows, fan_out=fan_out)
-        np.save(folder / CENTROIDS_FILE, np.asarray(kmeans.centroids, dtype=np.float32))
-
-    publish(cfg.run_dir, write)
+    _publish_version(cfg, store, counts, notes, stats, record, calls, kmeans.centroids, fan_out)
     return cfg.run_dir / MANIFEST_FILE, counts
 
 
@@ -121,9 +110,7 @@ def write_append_manifest(cfg: CurateConfig, store: EmbeddingStore, result: Any,
     rows files linked, tombstoned shards' parts filtered from the previous version's, new shards' parts built, the
     `missing` part from the tombstoned shards' gone rows; counts and statuses from the previous run.json updated by
     what changed. Returns what write_curate_manifest returns, with the same content."""
-    from pipeline.append import CENTROIDS_FILE
-    from pipeline.manifest import MANIFEST_FILE, commit_manifest
-    from pipeline.versions import publish
+    from pipeline.manifest import MANIFEST_FILE
 
     plan = result.plan
     prev_info = plan.info
@@ -187,16 +174,29 @@ def write_append_manifest(cfg: CurateConfig, store: EmbeddingStore, result: Any,
         calls.append({"store_root": None, "shard": -1, "columns": {}, "uid_file": None, "index": len(calls),
                       "missing": missing, "score_columns": list(plan.score_columns)})
 
+    _publish_version(cfg, store, counts, notes, stats, record, calls, plan.centroids, fan_out)
+    return cfg.run_dir / MANIFEST_FILE, counts
+
+
+
+def _publish_version(cfg: CurateConfig, store: EmbeddingStore, counts: dict[str, Any], notes: list[dict[str, Any]], stats: RunStats,
+                     record: dict[str, Any], calls: list[dict[str, Any]], centroids: Any, fan_out: FanOut | None) -> None:
+    """Writes the manifest parts (each store shard's with its rows file), run.json and the centroids into a new
+    version folder and publishes it."""
+    from pipeline.append import CENTROIDS_FILE
+    from pipeline.manifest import commit_manifest
+    from pipeline.versions import publish
+
     def write(folder: Path, version: int) -> None:
+        # run.json is made once the parts are written, so it holds the manifest stage's time up to its own writing
         def info() -> dict[str, Any]:
             return {**run_info(cfg, store, counts, notes, stats), "incremental": record, "version": version}
 
         with_rows = [c if c["shard"] < 0 else {**c, "rows_path": folder / ROWS_DIR / f"{c['shard']:05d}.arrow"} for c in calls]
         commit_manifest(folder, info, build_manifest_part, with_rows, fan_out=fan_out)
-        np.save(folder / CENTROIDS_FILE, np.asarray(plan.centroids, dtype=np.float32))
+        np.save(folder / CENTROIDS_FILE, np.asarray(centroids, dtype=np.float32))
 
     publish(cfg.run_dir, write)
-    return cfg.run_dir / MANIFEST_FILE, counts
 
 
 def _part_name(position: int) -> str:
