@@ -62,6 +62,9 @@ def _hf_offline() -> bool:
         return False
 
 
+_SILENT = "no answer before the timeout"
+
+
 def _probe_url(url: str, timeout: float) -> str | None:
     """Asks the weights host for `url` (an HTTP HEAD, redirects followed, proxies from the environment honoured).
 
@@ -81,13 +84,14 @@ def _probe_url(url: str, timeout: float) -> str | None:
             outcome.append(None if exc.code in (401, 403) else f"the host answered HTTP {exc.code} {exc.reason}")
         except Exception as exc:  # URLError, TLS errors, timeouts, refused connections
             reason = getattr(exc, "reason", exc)
-            outcome.append(f"{type(reason).__name__}: {reason}")
+            # the socket's own timeout can fire just before join() gives up: the same silence, said the same way
+            outcome.append(_SILENT if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}")
 
     worker = threading.Thread(target=attempt, daemon=True, name="winnow-weights-probe")
     worker.start()
     worker.join(timeout)
     host = urllib.parse.urlsplit(url).netloc or url
-    if not outcome:
+    if not outcome or outcome[0] == _SILENT:
         return f"{host} did not answer within {timeout:g} s"
     return None if outcome[0] is None else f"{host} is unreachable ({outcome[0]})"
 
