@@ -98,12 +98,12 @@ def check_max_file_bytes(value: Any) -> int:
     return value
 
 
-def _resolved(location: str, folders: dict[str, str] | None = None, is_link: bool | None = None) -> str:
+def _real_path(location: str, folders: dict[str, str] | None, is_link: bool) -> str:
     """os.path.realpath(location); with `folders` (a source object's cache) each folder is resolved once: realpath
     costs one lstat per path component, which was a fifth of a worker's time per small image. The file itself is
-    checked on every call (`is_link`: the caller's lstat already says whether it is a link). The cache lives with the
-    source object, i.e. one run, so a root that is a symlink re-pointed between scheduled runs is resolved afresh."""
-    if folders is None or is_link or (is_link is None and os.path.islink(location)):
+    checked on every call (`is_link`: from the caller's lstat). The cache lives with the source object, i.e. one run,
+    so a root that is a symlink re-pointed between scheduled runs is resolved afresh."""
+    if folders is None or is_link:
         return os.path.realpath(location)
     folder, name = os.path.split(os.path.abspath(location))
     if folder not in folders:
@@ -137,7 +137,7 @@ def read_file_bounded(location: str, max_bytes: int, *, real_root: str | None = 
         st = os.stat(location)
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFileError(f"{location!r} is {_file_kind(st.st_mode)}, not a regular file")
-    if real_root is not None and not _inside(real := _resolved(location, resolved_folders, is_link), real_root):
+    if real_root is not None and not _inside(real := _real_path(location, resolved_folders, is_link), real_root):
         raise OutsideRootError(f"{location!r} resolves to {real!r}, outside the source root")
     if st.st_size > max_bytes:
         raise FileTooLargeError(f"{location!r} has {st.st_size} bytes, more than max_file_bytes ({max_bytes})")
@@ -401,6 +401,8 @@ class Source:
 
     def __init__(self) -> None:
         self._refs: Listing | None = None
+        self._resolved_folders: dict[str, str] = {}  # _real_path's cache of this object's reads
+        self._root_resolved: str | None = None
         # folders the last listing could not enter (unreadable, or a folder symlink not followed): {"path", "why"}
         self._unlisted: list[dict[str, str]] = []
 
@@ -428,8 +430,8 @@ class Source:
     def read_bytes(self, ref: SampleRef) -> bytes:
         """The raw bytes of ``ref``, at most ``max_file_bytes``; raises an OSError subclass when they cannot or must
         not be read (a RefusedFileError's ``status`` says which)."""
-        folders = self.__dict__.setdefault("_resolved_folders", {})
-        return read_file_bounded(ref.location, self.max_file_bytes, real_root=self._real_root(), resolved_folders=folders)
+        return read_file_bounded(ref.location, self.max_file_bytes, real_root=self._real_root(),
+                                 resolved_folders=self._resolved_folders)
 
     def _real_root(self) -> str | None:
         """The resolved folder every file must stay inside, or None when the source has no such root."""
@@ -437,9 +439,9 @@ class Source:
 
     def _resolved_root(self) -> str:
         """os.path.realpath of the root, once per source object (read_bytes asks for it on every file)."""
-        if "_root_resolved" not in self.__dict__:
-            self.__dict__["_root_resolved"] = os.path.realpath(getattr(self, "root"))
-        return self.__dict__["_root_resolved"]
+        if self._root_resolved is None:
+            self._root_resolved = os.path.realpath(getattr(self, "root"))
+        return self._root_resolved
 
     def describe(self) -> dict[str, Any]:
         """``kind`` plus the constructor kwargs, JSON-serialisable (for the store's metadata)."""
@@ -455,7 +457,7 @@ class Source:
         # Workers only read bytes; the listing can be millions of rows, so it is not shipped to them.
         state = dict(self.__dict__)
         state["_refs"] = None
-        state.pop("_resolved_folders", None)  # a per-process cache
+        state["_resolved_folders"] = {}  # a per-process cache
         return state
 
     def __repr__(self) -> str:

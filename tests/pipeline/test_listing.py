@@ -2,13 +2,11 @@
 SampleRefs are built only for the rows asked for. Real files throughout."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 
 from pipeline.changes import listing_frame
 from pipeline.sources import ImageFolderSource, Listing, SampleRef, SourceError, TableSource, WebDatasetSource
+from tests.pipeline.test_sources import _write_tar
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,11 +77,7 @@ def test_a_file_name_that_is_not_utf8_is_one_error_naming_it(tmp_path: Path) -> 
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    _write_tar(path, members)
     return path
 
 

@@ -269,7 +269,7 @@ def test_unlistable_folder_is_reported_real_permissions(tmp_path: Path) -> None:
 
 
 def test_resolved_equals_realpath_for_files_folders_and_links(tmp_path: Path) -> None:
-    from pipeline.sources import _resolved
+    from pipeline.sources import _real_path
 
     folders: dict[str, str] = {}
 
@@ -284,4 +284,5 @@ def test_resolved_equals_realpath_for_files_folders_and_links(tmp_path: Path) ->
     (root / "sub" / "inner.jpg").symlink_to(root / "sub" / "a.jpg")
     for p in (root / "sub" / "a.jpg", root / "link.jpg", root / "linked_dir" / "secret.jpg", root / "sub" / "inner.jpg",
               root / "sub" / ".." / "sub" / "a.jpg"):
-        assert _resolved(str(p)) == _resolved(str(p), folders) == os.path.realpath(p)
+        is_link = os.path.islink(p)
+        assert _real_path(str(p), None, is_link) == _real_path(str(p), folders, is_link) == os.path.realpath(p)
